@@ -1,0 +1,21 @@
+"""ndconv: N-dimensional convolution and transposed convolution on NumPy and CuPy."""
+from .functional import (conv1d, conv2d, conv3d, conv_backward, conv_nd, conv_transpose1d,
+                         conv_transpose2d, conv_transpose3d, conv_transpose_nd)
+from .geometry import ConvGeometry, conv_geometry, conv_transpose_geometry
+from .engine import get_engine
+
+__version__ = "0.1.0"
+
+
+def set_workspace_limit(nbytes, device="cpu"):
+    """Bound the temporaries of one call (default 256 MiB on the CPU, 1 GiB on the GPU)."""
+    import numpy as np
+    if not isinstance(nbytes, int) or nbytes <= 0:
+        raise ValueError(f"workspace limit must be a positive int of bytes, got nbytes={nbytes!r}")
+    if device == "cpu":
+        get_engine(np.empty(0)).workspace_limit = nbytes
+    elif device == "gpu":
+        import cupy
+        get_engine(cupy.empty(0)).workspace_limit = nbytes
+    else:
+        raise ValueError(f"device must be 'cpu' or 'gpu', got device={device!r}")

@@ -1,0 +1,37 @@
+"""The ``ndconv`` command: subcommands are loaded lazily from their own modules.
+
+Each subcommand module defines ``add_arguments(parser)`` and ``run(args) -> int``.
+"""
+import argparse
+import importlib
+import sys
+
+SUBCOMMANDS = {
+    "demo": ("ndconv.demo", "train a convolutional autoencoder end to end (the main job)"),
+    "bench": ("ndconv.bench", "time ndconv against PyTorch on the benchmark suite"),
+    "shape": ("ndconv.tools.shape", "output shape of a convolution, with each formula filled in"),
+    "solve": ("ndconv.tools.solve", "every (kernel, stride, padding, ...) mapping one size to another"),
+    "explain": ("ndconv.tools.explain", "draw what a (transposed) convolution computes"),
+}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="ndconv", description="N-dimensional convolution tools")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    wanted = argv[0] if argv and argv[0] in SUBCOMMANDS else None
+    modules = {}
+    for name, (module, helptext) in SUBCOMMANDS.items():
+        p = sub.add_parser(name, help=helptext, description=helptext)
+        if name == wanted:  # import only the subcommand that runs
+            modules[name] = importlib.import_module(module)
+            modules[name].add_arguments(p)
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    return int(modules[args.command].run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Command-line tools: shape calculator, solver, explainer."""
