@@ -1,0 +1,98 @@
+"""Compiled (numba) loops for depthwise convolution on the CPU.
+
+Depthwise convolutions (each group reads one input channel, with channel
+multiplier M = Cy / Cx) do too little arithmetic per byte for BLAS; these loops
+read each padded plane once per tap from L1 and vectorise along the last axis.
+Every array is 5-D (N, C, D, H, W): 1-D and 2-D calls add unit axes.  Each
+parallel iteration owns its output plane, so results do not depend on threading.
+"""
+import numpy as np
+
+try:
+    import numba
+    from numba import njit, prange
+except ImportError:  # the engine falls back to im2col + BLAS
+    numba = None
+
+AVAILABLE = numba is not None
+
+if AVAILABLE:
+    @njit(parallel=True, fastmath=True, cache=True)
+    def _forward(xp, w, y, s0, s1, s2, d0, d1, d2, mult):
+        n_, cy = y.shape[0], y.shape[1]
+        o0_, o1_, o2_ = y.shape[2], y.shape[3], y.shape[4]
+        k0_, k1_, k2_ = w.shape[1], w.shape[2], w.shape[3]
+        for job in prange(n_ * cy):
+            n = job // cy
+            co = job % cy
+            c = co // mult
+            acc = np.empty(o2_, dtype=y.dtype)
+            for o0 in range(o0_):
+                for o1 in range(o1_):
+                    acc[:] = 0
+                    for k0 in range(k0_):
+                        i0 = o0 * s0 + k0 * d0
+                        for k1 in range(k1_):
+                            i1 = o1 * s1 + k1 * d1
+                            for k2 in range(k2_):
+                                wv = w[co, k0, k1, k2]
+                                base = k2 * d2
+                                for o2 in range(o2_):
+                                    acc[o2] += wv * xp[n, c, i0, i1, o2 * s2 + base]
+                    for o2 in range(o2_):
+                        y[n, co, o0, o1, o2] = acc[o2]
+
+    @njit(parallel=True, fastmath=True, cache=True)
+    def _backward_input(gy, w, gxp, s0, s1, s2, d0, d1, d2, mult):
+        # gxp (N, Cx, padded...) is zero on entry; scatter each output's kernel copy.
+        n_, cx = gxp.shape[0], gxp.shape[1]
+        o0_, o1_, o2_ = gy.shape[2], gy.shape[3], gy.shape[4]
+        k0_, k1_, k2_ = w.shape[1], w.shape[2], w.shape[3]
+        for job in prange(n_ * cx):
+            n = job // cx
+            c = job % cx
+            for m in range(mult):
+                co = c * mult + m
+                for o0 in range(o0_):
+                    for o1 in range(o1_):
+                        for k0 in range(k0_):
+                            i0 = o0 * s0 + k0 * d0
+                            for k1 in range(k1_):
+                                i1 = o1 * s1 + k1 * d1
+                                for k2 in range(k2_):
+                                    wv = w[co, k0, k1, k2]
+                                    base = k2 * d2
+                                    for o2 in range(o2_):
+                                        gxp[n, c, i0, i1, o2 * s2 + base] += wv * gy[n, co, o0, o1, o2]
+
+    @njit(parallel=True, fastmath=True, cache=True)
+    def _backward_weight(xp, gy, gw, s0, s1, s2, d0, d1, d2, mult):
+        n_, cy = gy.shape[0], gy.shape[1]
+        o0_, o1_, o2_ = gy.shape[2], gy.shape[3], gy.shape[4]
+        k0_, k1_, k2_ = gw.shape[1], gw.shape[2], gw.shape[3]
+        for co in prange(cy):
+            c = co // mult
+            for k0 in range(k0_):
+                for k1 in range(k1_):
+                    for k2 in range(k2_):
+                        total = 0.0
+                        for n in range(n_):
+                            for o0 in range(o0_):
+                                i0 = o0 * s0 + k0 * d0
+                                for o1 in range(o1_):
+                                    i1 = o1 * s1 + k1 * d1
+                                    base = k2 * d2
+                                    part = 0.0
+                                    for o2 in range(o2_):
+                                        part += gy[n, co, o0, o1, o2] * xp[n, c, i0, i1, o2 * s2 + base]
+                                    total += part
+                        gw[co, k0, k1, k2] = total
+
+
+def as5d(a, nd):
+    """(N, C, *s) -> (N, C, 1.., *s) with 5 dims, a view."""
+    return a.reshape(a.shape[:2] + (1,) * (3 - nd) + a.shape[2:])
+
+
+def pad3(t, nd, fill):
+    return (fill,) * (3 - nd) + tuple(t)
