@@ -17,53 +17,64 @@ except ImportError:  # the engine falls back to im2col + BLAS
 AVAILABLE = numba is not None
 
 if AVAILABLE:
+    @njit(fastmath=True, cache=True, inline="always")
+    def _axpy(out, wv, row, base, step):
+        # out[o] += wv * row[base + o*step]; the unit-step case is a contiguous, vectorised loop.
+        if step == 1:
+            seg = row[base:base + out.shape[0]]
+            for o in range(out.shape[0]):
+                out[o] += wv * seg[o]
+        else:
+            for o in range(out.shape[0]):
+                out[o] += wv * row[base + o * step]
+
     @njit(parallel=True, fastmath=True, cache=True)
     def _forward(xp, w, y, s0, s1, s2, d0, d1, d2, mult):
         n_, cy = y.shape[0], y.shape[1]
-        o0_, o1_, o2_ = y.shape[2], y.shape[3], y.shape[4]
         k0_, k1_, k2_ = w.shape[1], w.shape[2], w.shape[3]
         for job in prange(n_ * cy):
             n = job // cy
             co = job % cy
-            c = co // mult
-            acc = np.empty(o2_, dtype=y.dtype)
-            for o0 in range(o0_):
-                for o1 in range(o1_):
-                    acc[:] = 0
+            xplane = xp[n, co // mult]
+            yplane = y[n, co]
+            for o0 in range(yplane.shape[0]):
+                for o1 in range(yplane.shape[1]):
+                    out = yplane[o0, o1]
+                    out[:] = 0
                     for k0 in range(k0_):
-                        i0 = o0 * s0 + k0 * d0
                         for k1 in range(k1_):
-                            i1 = o1 * s1 + k1 * d1
+                            row = xplane[o0 * s0 + k0 * d0, o1 * s1 + k1 * d1]
                             for k2 in range(k2_):
-                                wv = w[co, k0, k1, k2]
-                                base = k2 * d2
-                                for o2 in range(o2_):
-                                    acc[o2] += wv * xp[n, c, i0, i1, o2 * s2 + base]
-                    for o2 in range(o2_):
-                        y[n, co, o0, o1, o2] = acc[o2]
+                                _axpy(out, w[co, k0, k1, k2], row, k2 * d2, s2)
 
     @njit(parallel=True, fastmath=True, cache=True)
     def _backward_input(gy, w, gxp, s0, s1, s2, d0, d1, d2, mult):
-        # gxp (N, Cx, padded...) is zero on entry; scatter each output's kernel copy.
+        # gxp (N, Cx, padded...) is zero on entry; each output scatters its kernel copy.
         n_, cx = gxp.shape[0], gxp.shape[1]
         o0_, o1_, o2_ = gy.shape[2], gy.shape[3], gy.shape[4]
         k0_, k1_, k2_ = w.shape[1], w.shape[2], w.shape[3]
         for job in prange(n_ * cx):
             n = job // cx
             c = job % cx
+            gplane = gxp[n, c]
             for m in range(mult):
                 co = c * mult + m
                 for o0 in range(o0_):
                     for o1 in range(o1_):
+                        src = gy[n, co, o0, o1]
                         for k0 in range(k0_):
-                            i0 = o0 * s0 + k0 * d0
                             for k1 in range(k1_):
-                                i1 = o1 * s1 + k1 * d1
+                                row = gplane[o0 * s0 + k0 * d0, o1 * s1 + k1 * d1]
                                 for k2 in range(k2_):
                                     wv = w[co, k0, k1, k2]
                                     base = k2 * d2
-                                    for o2 in range(o2_):
-                                        gxp[n, c, i0, i1, o2 * s2 + base] += wv * gy[n, co, o0, o1, o2]
+                                    if s2 == 1:
+                                        seg = row[base:base + o2_]
+                                        for o2 in range(o2_):
+                                            seg[o2] += wv * src[o2]
+                                    else:
+                                        for o2 in range(o2_):
+                                            row[base + o2 * s2] += wv * src[o2]
 
     @njit(parallel=True, fastmath=True, cache=True)
     def _backward_weight(xp, gy, gw, s0, s1, s2, d0, d1, d2, mult):
@@ -72,21 +83,30 @@ if AVAILABLE:
         k0_, k1_, k2_ = gw.shape[1], gw.shape[2], gw.shape[3]
         for co in prange(cy):
             c = co // mult
+            acc = np.zeros((k0_, k1_, k2_), dtype=np.float64)
+            for n in range(n_):
+                xplane = xp[n, c]
+                for o0 in range(o0_):
+                    for o1 in range(o1_):
+                        g = gy[n, co, o0, o1]
+                        for k0 in range(k0_):
+                            for k1 in range(k1_):
+                                row = xplane[o0 * s0 + k0 * d0, o1 * s1 + k1 * d1]
+                                for k2 in range(k2_):
+                                    base = k2 * d2
+                                    part = row.dtype.type(0)
+                                    if s2 == 1:
+                                        seg = row[base:base + o2_]
+                                        for o2 in range(o2_):
+                                            part += g[o2] * seg[o2]
+                                    else:
+                                        for o2 in range(o2_):
+                                            part += g[o2] * row[base + o2 * s2]
+                                    acc[k0, k1, k2] += part
             for k0 in range(k0_):
                 for k1 in range(k1_):
                     for k2 in range(k2_):
-                        total = 0.0
-                        for n in range(n_):
-                            for o0 in range(o0_):
-                                i0 = o0 * s0 + k0 * d0
-                                for o1 in range(o1_):
-                                    i1 = o1 * s1 + k1 * d1
-                                    base = k2 * d2
-                                    part = 0.0
-                                    for o2 in range(o2_):
-                                        part += gy[n, co, o0, o1, o2] * xp[n, c, i0, i1, o2 * s2 + base]
-                                    total += part
-                        gw[co, k0, k1, k2] = total
+                        gw[co, k0, k1, k2] = acc[k0, k1, k2]
 
 
 def as5d(a, nd):
