@@ -19,3 +19,9 @@ def set_workspace_limit(nbytes, device="cpu"):
         get_engine(cupy.empty(0)).workspace_limit = nbytes
     else:
         raise ValueError(f"device must be 'cpu' or 'gpu', got device={device!r}")
+
+# Module API (issue 3): the seed framework's layers, containers and arrays.
+from .backend import gpuarray
+from .variable import Variable
+from .modules import Module
+from .containers import Sequential
