@@ -1,0 +1,410 @@
+"""The CuPy engine: the three primitives on an NVIDIA GPU, through a registry of algorithms.
+
+Algorithms (in the order the engine tries them):
+
+``depthwise_direct``
+    Direct CUDA kernels for ``Cx/G == 1`` (depthwise, any channel multiplier), 1-D
+    to 3-D.  Forward and input gradient are gathers (one thread per output
+    element); the weight gradient is a two-stage reduction: per-block partial sums
+    to a buffer, then a fixed-order final sum.
+``im2col_gemm``
+    Any geometry.  An im2col kernel lays out the columns as ``(G, Cx/G*K, nb*P)``
+    (one column per output position of the chunk), so each group is one large
+    cuBLAS GEMM through ``cupy.matmul``; col2im is a gather kernel.  The work is
+    split by batch, then by first output dim, so that the temporaries of one chunk
+    stay under ``workspace_limit``.
+
+Every algorithm is deterministic (no floating-point atomics), so the same inputs
+give bitwise-identical results on every run.  float16 is accumulated in float32.
+Every kernel indexes with 64-bit integers.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+
+import cupy as cp
+import numpy as np
+
+from . import gpu_kernels
+from .registry import OPS, Algorithm, Registry, check_op
+
+DEFAULT_WORKSPACE = 1 << 30
+_THREADS = 256
+_MAX_BLOCKS = 1 << 20          # grid-stride loops cover the rest
+_FLOATS = ("float16", "float32", "float64")
+
+
+def compute_dtype(dtype):
+    """float16 is computed (accumulated) in float32."""
+    dtype = np.dtype(dtype)
+    return np.dtype(np.float32) if dtype == np.float16 else dtype
+
+
+# ------------------------------------------------------------------ compiled modules and params
+
+_modules = {}
+
+
+def _kernel(nd, dtype, name):
+    key = (cp.cuda.Device().id, nd, np.dtype(dtype).name)
+    mod = _modules.get(key)
+    if mod is None:
+        mod = cp.RawModule(code=gpu_kernels.source(nd, key[2]))
+        _modules[key] = mod
+    return mod.get_function(name)
+
+
+_params = {}
+
+
+def _geometry_params(g):
+    """The geometry as a device int64 array (see gpu_kernels for the layout), cached."""
+    key = (cp.cuda.Device().id, g)
+    arr = _params.get(key)
+    if arr is None:
+        host = np.array((g.batch, g.x_channels, g.y_channels, g.groups) + tuple(g.x_size)
+                        + tuple(g.y_size) + tuple(g.kernel) + tuple(g.stride) + tuple(g.dilation)
+                        + tuple(g.pad_lo), dtype=np.int64)
+        if len(_params) > 1024:
+            _params.clear()
+        arr = _params[key] = cp.asarray(host)
+    return arr
+
+
+def _launch(kernel, total, args, threads=_THREADS):
+    blocks = max(1, min(-(-int(total) // threads), _MAX_BLOCKS))
+    kernel((blocks,), (threads,), args)
+
+
+def _i64(v):
+    return np.int64(v)
+
+
+# ------------------------------------------------------------------ algorithms
+
+class Im2colGemm(Algorithm):
+    """im2col/col2im kernels + one cuBLAS GEMM per group, chunked by the workspace limit."""
+
+    name = "im2col_gemm"
+
+    def supports(self, op, g, dtype):
+        return op in OPS and g.nd in (1, 2, 3) and np.dtype(dtype).name in _FLOATS
+
+    def run(self, engine, op, a, b, g):
+        return getattr(self, "_" + op)(engine, a, b, g)
+
+    @staticmethod
+    def _chunks(engine, g, itemsize):
+        """Split (batch, first output dim) so that one chunk's temporaries fit the limit."""
+        rest = math.prod(g.y_size[1:])
+        # columns + (result or transposed rows of y), per output row of one sample
+        per_row = itemsize * rest * (g.x_channels * g.taps + 2 * g.y_channels)
+        per_sample = per_row * g.y_size[0]
+        limit = engine.workspace_limit
+        if per_sample <= limit:
+            nb = max(1, min(g.batch, limit // max(per_sample, 1)))
+            for n0 in range(0, g.batch, nb):
+                yield n0, min(g.batch, n0 + nb), 0, g.y_size[0]
+            return
+        rows = max(1, limit // per_row)
+        for n0 in range(g.batch):
+            for a in range(0, g.y_size[0], rows):
+                yield n0, n0 + 1, a, min(g.y_size[0], a + rows)
+
+    @staticmethod
+    def _columns(x, g, n0, n1, a, b, dt):
+        nb, rows = n1 - n0, b - a
+        p = rows * math.prod(g.y_size[1:])
+        cols = cp.empty((g.groups, (g.x_channels // g.groups) * g.taps, nb * p), dtype=dt)
+        _launch(_kernel(g.nd, x.dtype, "im2col"), cols.size,
+                (x, cols, _geometry_params(g), _i64(n0), _i64(nb), _i64(a), _i64(rows)))
+        return cols
+
+    @staticmethod
+    def _rows_t(gy, g, n0, n1, a, b, dt):
+        """gy[n0:n1, :, a:b] as (G, Cy/G, nb*P), in the compute dtype."""
+        nb = n1 - n0
+        part = gy[n0:n1, :, a:b].reshape(nb, g.y_channels, -1).transpose(1, 0, 2)
+        part = cp.ascontiguousarray(part, dtype=dt)
+        return part.reshape(g.groups, g.y_channels // g.groups, -1)
+
+    def _forward(self, engine, x, w, g):
+        dt = compute_dtype(x.dtype)
+        y = cp.empty(g.y_shape, dtype=x.dtype)
+        wm = w.reshape(g.groups, g.y_channels // g.groups, -1).astype(dt, copy=False)
+        for n0, n1, a, b in self._chunks(engine, g, dt.itemsize):
+            cols = self._columns(x, g, n0, n1, a, b, dt)
+            res = cp.matmul(wm, cols)                              # (G, Cy/G, nb*P)
+            engine._note(cols, res)
+            del cols
+            res = res.reshape((g.y_channels, n1 - n0, b - a) + g.y_size[1:])
+            y[n0:n1, :, a:b] = res.swapaxes(0, 1)
+        return y
+
+    def _backward_input(self, engine, gy, w, g):
+        dt = compute_dtype(gy.dtype)
+        gx = cp.empty(g.x_shape, dtype=gy.dtype)
+        wt = w.reshape(g.groups, g.y_channels // g.groups, -1).astype(dt, copy=False)
+        wt = cp.ascontiguousarray(wt.transpose(0, 2, 1))          # (G, Cx/G*K, Cy/G)
+        params = _geometry_params(g)
+        buf = None
+        for n0, n1, a, b in self._chunks(engine, g, dt.itemsize):
+            gyt = self._rows_t(gy, g, n0, n1, a, b, dt)
+            gcols = cp.matmul(wt, gyt)                             # (G, Cx/G*K, nb*P)
+            engine._note(gyt, gcols)
+            del gyt
+            if (a, b) == (0, g.y_size[0]):
+                _launch(_kernel(g.nd, gy.dtype, "col2im_store"),
+                        (n1 - n0) * g.x_channels * math.prod(g.x_size),
+                        (gcols, gx, params, _i64(n0), _i64(n1 - n0)))
+                continue
+            # Row chunks of one sample overlap in the input rows they feed: add them, in
+            # chunk order, into a float buffer of that sample.
+            if a == 0:
+                buf = cp.zeros((g.x_channels,) + g.x_size, dtype=dt)
+                engine._note(buf, gcols)
+            s0, d0, k0, lo0 = g.stride[0], g.dilation[0], g.kernel[0], g.pad_lo[0]
+            i0 = max(0, a * s0 - lo0)
+            i1 = min(g.x_size[0], (b - 1) * s0 - lo0 + d0 * (k0 - 1) + 1)
+            if i1 > i0:
+                _launch(_kernel(g.nd, gy.dtype, "col2im_add"),
+                        g.x_channels * (i1 - i0) * math.prod(g.x_size[1:]),
+                        (gcols, buf, params, _i64(a), _i64(b - a), _i64(i0), _i64(i1 - i0)))
+            if b == g.y_size[0]:
+                gx[n0] = buf
+                buf = None
+        return gx
+
+    def _backward_weight(self, engine, x, gy, g):
+        dt = compute_dtype(x.dtype)
+        gw = None
+        for n0, n1, a, b in self._chunks(engine, g, dt.itemsize):
+            cols = self._columns(x, g, n0, n1, a, b, dt)           # (G, Cx/G*K, nb*P)
+            gyt = self._rows_t(gy, g, n0, n1, a, b, dt)            # (G, Cy/G, nb*P)
+            engine._note(cols, gyt)
+            part = cp.matmul(gyt, cols.transpose(0, 2, 1))         # (G, Cy/G, Cx/G*K)
+            gw = part if gw is None else gw + part
+        return gw.reshape(g.w_shape).astype(x.dtype, copy=False)
+
+
+class DepthwiseDirect(Algorithm):
+    """Direct kernels for Cx/G == 1 (depthwise with any multiplier), no workspace but partials."""
+
+    name = "depthwise_direct"
+
+    def supports(self, op, g, dtype):
+        return (op in OPS and g.nd in (1, 2, 3) and np.dtype(dtype).name in _FLOATS
+                and g.x_channels == g.groups and g.x_channels > 0)
+
+    def run(self, engine, op, a, b, g):
+        return getattr(self, "_" + op)(engine, a, b, g)
+
+    @staticmethod
+    def splits(g):
+        """Slices of the N*prod(Y) reduction per weight element: fixed by the geometry alone,
+        so the summation order (and the result) never changes between runs."""
+        length = g.batch * math.prod(g.y_size)
+        return max(1, min(1024, -(-length // 8192)))
+
+    def _forward(self, engine, x, w, g):
+        y = cp.empty(g.y_shape, dtype=x.dtype)
+        _launch(_kernel(g.nd, x.dtype, "dw_forward"), y.size, (x, w, y, _geometry_params(g)))
+        return y
+
+    def _backward_input(self, engine, gy, w, g):
+        gx = cp.empty(g.x_shape, dtype=gy.dtype)
+        _launch(_kernel(g.nd, gy.dtype, "dw_backward_input"), gx.size,
+                (gy, w, gx, _geometry_params(g)))
+        return gx
+
+    def _backward_weight(self, engine, x, gy, g):
+        splits = self.splits(g)
+        gw = cp.empty(g.w_shape, dtype=x.dtype)
+        partial = cp.empty(g.y_channels * g.taps * splits, dtype=compute_dtype(x.dtype))
+        engine._note(partial)
+        params = _geometry_params(g)
+        blocks = min(partial.size, _MAX_BLOCKS)
+        _kernel(g.nd, x.dtype, "dw_wgrad_partial")(
+            (blocks,), (gpu_kernels.WGRAD_THREADS,), (x, gy, partial, params, _i64(splits)))
+        _launch(_kernel(g.nd, x.dtype, "dw_wgrad_final"), gw.size, (partial, gw, params, _i64(splits)))
+        return gw
+
+
+ALGORITHMS = Registry()
+ALGORITHMS.register(DepthwiseDirect())
+ALGORITHMS.register(Im2colGemm())
+
+
+# ------------------------------------------------------------------ the engine
+
+class GPUEngine:
+    """CuPy engine.  ``algorithm`` forces one algorithm for every op (tests, benchmarks)."""
+
+    name = "gpu"
+
+    def __init__(self, workspace_limit=DEFAULT_WORKSPACE, algorithm=None, deterministic=True):
+        self.workspace_limit = workspace_limit
+        self.peak_temp_bytes = 0
+        self.deterministic = bool(deterministic)
+        self.algorithms = ALGORITHMS
+        self._forced = {}
+        self._tuned = {}
+        #: op -> name of the algorithm that ran the last call of that op
+        self.last_algorithm = {}
+        if algorithm is not None:
+            self.algorithms.get(algorithm)
+            self._forced = {op: algorithm for op in OPS}
+
+    @property
+    def workspace_limit(self):
+        return self._workspace_limit
+
+    @workspace_limit.setter
+    def workspace_limit(self, nbytes):
+        if not isinstance(nbytes, (int, np.integer)) or isinstance(nbytes, bool) or nbytes <= 0:
+            raise ValueError(f"workspace_limit must be a positive int of bytes, got workspace_limit={nbytes!r}")
+        self._workspace_limit = int(nbytes)
+
+    # ------------------------------------------------------------ the three primitives
+
+    def forward(self, x, w, g):
+        x, w = self._prepare("forward", g, ("x", x, g.x_shape), ("weight", w, g.w_shape))
+        if 0 in g.y_shape:
+            return cp.empty(g.y_shape, dtype=x.dtype)
+        if g.x_channels == 0:
+            return cp.zeros(g.y_shape, dtype=x.dtype)
+        return self._run("forward", x, w, g)
+
+    def backward_input(self, gy, w, g):
+        gy, w = self._prepare("backward_input", g, ("grad_output", gy, g.y_shape), ("weight", w, g.w_shape))
+        if 0 in g.x_shape:
+            return cp.empty(g.x_shape, dtype=gy.dtype)
+        if g.y_channels == 0 or g.batch == 0:
+            return cp.zeros(g.x_shape, dtype=gy.dtype)
+        return self._run("backward_input", gy, w, g)
+
+    def backward_weight(self, x, gy, g):
+        x, gy = self._prepare("backward_weight", g, ("x", x, g.x_shape), ("grad_output", gy, g.y_shape))
+        if 0 in g.w_shape:
+            return cp.empty(g.w_shape, dtype=x.dtype)
+        if g.batch == 0:
+            return cp.zeros(g.w_shape, dtype=x.dtype)
+        return self._run("backward_weight", x, gy, g)
+
+    # ------------------------------------------------------------ algorithm choice
+
+    def choose(self, op, g, dtype):
+        """The algorithm this engine would use for ``op`` on geometry ``g``."""
+        check_op(op)
+        dtype = np.dtype(dtype)
+        forced = self._forced.get(op)
+        if forced is not None:
+            alg = self.algorithms.get(forced)
+            if not alg.supports(op, g, dtype):
+                raise ValueError(f"algorithm {forced!r} does not support {op} for this geometry "
+                                 f"(x {g.x_shape}, weight {g.w_shape}, groups {g.groups}, {dtype})")
+            return alg
+        tuned = self._tuned.get((op, g, dtype.name))
+        if tuned is not None:
+            return self.algorithms.get(tuned)
+        found = self.algorithms.candidates(op, g, dtype, self.deterministic)
+        if not found:
+            raise ValueError(f"no GPU algorithm supports {op} for x {g.x_shape}, weight {g.w_shape}, "
+                             f"{dtype}")
+        return found[0]
+
+    @contextlib.contextmanager
+    def force(self, op, name):
+        """Within the block, run ``op`` (or every op when ``op`` is None) with algorithm ``name``."""
+        ops = check_op(op, allow_all=True)
+        self.algorithms.get(name)
+        saved = dict(self._forced)
+        self._forced.update({o: name for o in ops})
+        try:
+            yield self
+        finally:
+            self._forced = saved
+
+    def optimize(self, geometry, dtype, ops=OPS, repeat=3):
+        """Time the applicable algorithms once for this geometry and remember the fastest.
+
+        Returns ``{op: name}``.  A forced algorithm still wins over this choice.
+        """
+        g = geometry if geometry.padding_mode == "zeros" else geometry.with_zero_padding()
+        dtype = np.dtype(dtype)
+        if dtype.name not in _FLOATS:
+            raise TypeError(f"dtype must be float16, float32 or float64, got dtype={dtype}")
+        if isinstance(ops, str):
+            ops = (ops,)
+        for op in ops:
+            check_op(op)
+        choice = {}
+        arrays = None
+        for op in ops:
+            key = (op, g, dtype.name)
+            if key in self._tuned:
+                choice[op] = self._tuned[key]
+                continue
+            found = self.algorithms.candidates(op, g, dtype, self.deterministic)
+            if not found:
+                continue
+            if len(found) == 1 or 0 in g.x_shape or 0 in g.y_shape or 0 in g.w_shape:
+                self._tuned[key] = choice[op] = found[0].name
+                continue
+            if arrays is None:
+                arrays = {name: cp.random.standard_normal(shape, dtype=np.float32).astype(dtype)
+                          for name, shape in (("x", g.x_shape), ("w", g.w_shape), ("y", g.y_shape))}
+            a, b = {"forward": ("x", "w"), "backward_input": ("y", "w"),
+                    "backward_weight": ("x", "y")}[op]
+            best = None
+            for alg in found:
+                ms = self._time(alg, op, arrays[a], arrays[b], g, repeat)
+                if best is None or ms < best[0]:
+                    best = (ms, alg.name)
+            self._tuned[key] = choice[op] = best[1]
+        return choice
+
+    def _time(self, alg, op, a, b, g, repeat):
+        alg.run(self, op, a, b, g)                   # warm-up: compilation, allocator
+        start, stop = cp.cuda.Event(), cp.cuda.Event()
+        times = []
+        for _ in range(max(1, repeat)):
+            start.record()
+            alg.run(self, op, a, b, g)
+            stop.record()
+            stop.synchronize()
+            times.append(cp.cuda.get_elapsed_time(start, stop))
+        return sorted(times)[len(times) // 2]
+
+    # ------------------------------------------------------------ internals
+
+    def _run(self, op, a, b, g):
+        alg = self.choose(op, g, a.dtype)
+        self.last_algorithm[op] = alg.name
+        return alg.run(self, op, a, b, g)
+
+    def _prepare(self, op, g, *named):
+        out = []
+        dtype = None
+        for name, arr, shape in named:
+            if not isinstance(arr, cp.ndarray):
+                raise TypeError(f"GPUEngine.{op}: {name} must be a CuPy array, got "
+                                f"{type(arr).__module__}.{type(arr).__name__}")
+            if arr.dtype.name not in _FLOATS:
+                raise TypeError(f"GPUEngine.{op}: {name} must be float16, float32 or float64, "
+                                f"got {name}.dtype={arr.dtype}")
+            if dtype is not None and arr.dtype != dtype:
+                raise TypeError(f"GPUEngine.{op}: arrays must share one dtype, got {dtype} and {arr.dtype}")
+            dtype = arr.dtype
+            if tuple(arr.shape) != tuple(shape):
+                raise ValueError(f"GPUEngine.{op}: {name} must have shape {tuple(shape)} for this "
+                                 f"geometry, got {name} of shape {tuple(arr.shape)}")
+            out.append(cp.ascontiguousarray(arr))
+        if g.padding_mode != "zeros":
+            raise ValueError(f"GPUEngine.{op}: the engine takes zero-padded geometries, got "
+                             f"padding_mode={g.padding_mode!r}")
+        return out
+
+    def _note(self, *arrays):
+        self.peak_temp_bytes = max(self.peak_temp_bytes, sum(a.nbytes for a in arrays))

@@ -1,0 +1,71 @@
+"""Algorithm registry: how an engine with several ways of computing one primitive picks one.
+
+An algorithm names itself, says which calls it can do (``supports(op, geometry,
+dtype)``), whether its results are bitwise reproducible, and runs a primitive.
+The registry keeps them in priority order: the first one that supports a call is
+the engine's default choice for it.  Nothing here imports an array library, so the
+registry can be inspected (and tested) where no GPU exists.
+"""
+from __future__ import annotations
+
+OPS = ("forward", "backward_input", "backward_weight")
+
+
+def check_op(op, allow_all=False):
+    if allow_all and op is None:
+        return OPS
+    if op not in OPS:
+        extra = " or None (all)" if allow_all else ""
+        raise ValueError(f"op must be one of {OPS}{extra}, got op={op!r}")
+    return (op,)
+
+
+class Algorithm:
+    """One way of computing the engine primitives.  Subclasses override the hooks."""
+
+    name = "?"
+    #: True when the same inputs give bitwise-identical results on every run.
+    deterministic = True
+
+    def supports(self, op, g, dtype):  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def run(self, engine, op, a, b, g):  # pragma: no cover - interface
+        """``op`` on contiguous arrays ``a, b`` (as the engine primitive takes them)."""
+        raise NotImplementedError
+
+    def __repr__(self):
+        return f"<algorithm {self.name}>"
+
+
+class Registry:
+    """Algorithms by name, in priority order (first registered = tried first)."""
+
+    def __init__(self):
+        self._algorithms = {}
+
+    def register(self, algorithm):
+        if algorithm.name in self._algorithms:
+            raise ValueError(f"an algorithm named {algorithm.name!r} is already registered")
+        self._algorithms[algorithm.name] = algorithm
+        return algorithm
+
+    def names(self):
+        return tuple(self._algorithms)
+
+    def __iter__(self):
+        return iter(self._algorithms.values())
+
+    def __contains__(self, name):
+        return name in self._algorithms
+
+    def get(self, name):
+        try:
+            return self._algorithms[name]
+        except (KeyError, TypeError):
+            raise ValueError(f"algorithm must be one of {self.names()}, got algorithm={name!r}") from None
+
+    def candidates(self, op, g, dtype, deterministic=True):
+        """Algorithms that can do this call, in priority order."""
+        return [a for a in self._algorithms.values()
+                if (a.deterministic or not deterministic) and a.supports(op, g, dtype)]
