@@ -25,3 +25,5 @@ from .backend import gpuarray
 from .variable import Variable
 from .modules import Module
 from .containers import Sequential
+from .modules import (Conv1D, Conv2D, Conv3D, ConvND, Deconv1D, Deconv2D, Deconv3D,  # noqa: E402
+                      DeconvND)
