@@ -226,6 +226,8 @@ class _ConvLayer(Module):
                 args.append(f"{key}={getattr(self, key)}")
         if any(v for p in self.pad for v in p):
             args.append(f"pad={self.pad}")
+        if self.padding_mode != "zeros":
+            args.append(f"padding_mode={self.padding_mode!r}")
         if self.groups != 1:
             args.append(f"groups={self.groups}")
         if not self.useBias:
