@@ -10,9 +10,8 @@ Usage, in the seed framework's style::
         net.backward(grad)        # fills var.grad of each parameter
         opt.update()              # one step; opt.step() is the same call
 
-``setupOn`` accepts a module (anything with ``vars`` / ``getVarTable``, see
-:func:`named_variables`), a ``{name: Variable}`` mapping, or an iterable of
-Variables.  A Variable is anything with ``.data`` and ``.grad`` arrays.
+``setupOn`` accepts a module or container (its ``namedVars()``), a
+``{name: Variable}`` mapping, or an iterable of Variables.  A Variable is anything with ``.data`` and ``.grad`` arrays.
 
 Sign convention: ``var.grad`` holds the derivative of the loss (as produced by
 :class:`ndconv.cost.MSE`), so each step moves ``var.data`` *against* it.
@@ -32,17 +31,11 @@ __all__ = ["Optimizer", "SGD", "Adam", "named_variables"]
 def named_variables(target):
     """``[(name, Variable), ...]`` of a module, a mapping or an iterable of Variables.
 
-    For a module, the dotted names of its (and its children's) parameters are
-    taken from ``getVarTable()`` when the module has it, else from ``vars`` plus
-    the ``named_modules``/``modules`` of a container, recursively.  Each
-    Variable appears once even when shared between modules.
+    For a module (or container) the dotted names come from its ``namedVars()``
+    (``"enc1.W"``).  Each Variable appears once even when shared.
     """
-    if hasattr(target, "getVarTable"):
-        table = target.getVarTable()
-        items = list(table.items()) if hasattr(table, "items") else list(table)
-    elif hasattr(target, "vars") and not isinstance(target, dict):
-        items = []
-        _walk(target, "", items)
+    if hasattr(target, "namedVars"):
+        items = list(target.namedVars().items())
     elif isinstance(target, dict):
         items = list(target.items())
     else:
@@ -59,18 +52,6 @@ def named_variables(target):
             seen.add(id(var))
             out.append((str(name), var))
     return out
-
-
-def _walk(module, prefix, items):
-    for name, var in dict(module.vars).items():
-        items.append((prefix + str(name), var))
-    children = getattr(module, "modules", None)
-    if isinstance(children, dict):
-        for name, child in children.items():
-            _walk(child, f"{prefix}{name}.", items)
-    elif children is not None and not callable(children):
-        for i, child in enumerate(children):
-            _walk(child, f"{prefix}{getattr(child, 'name', None) or i}.", items)
 
 
 class Optimizer:
