@@ -18,6 +18,7 @@ bad command line or suite file.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -315,8 +316,6 @@ class Backend:
         else:
             self.cupy = None
             self.torch_device = torch.device("cpu")
-            if threads is not None:
-                set_cpu_threads(threads)
 
     def nd_array(self, a):
         return self.cupy.asarray(a) if self.cupy is not None else a
@@ -365,44 +364,66 @@ def cpu_model():
     return platform.processor() or platform.machine()
 
 
-def set_cpu_threads(threads):
-    """Give PyTorch, NumPy's BLAS and numba the same thread count (best effort for the last two)."""
+@contextlib.contextmanager
+def cpu_threads(threads):
+    """Give PyTorch, NumPy's BLAS and numba the same thread count; restore them afterwards.
+
+    BLAS and numba are best effort: threadpoolctl when installed, else OpenBLAS's own
+    setter; numba only when it is installed.
+    """
     import torch
+    saved_torch = torch.get_num_threads()
     torch.set_num_threads(threads)
+    restore = []
     try:
         from threadpoolctl import threadpool_limits
-        threadpool_limits(threads)
+        restore.append(threadpool_limits(threads).restore_original_limits)
     except ImportError:
-        _openblas_set_threads(threads)
+        old = _openblas_threads()
+        if old is not None and _openblas_threads(threads) is not None:
+            restore.append(lambda: _openblas_threads(old))
     try:
         import numba
+        old_numba = numba.get_num_threads()
         numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+        restore.append(lambda: numba.set_num_threads(old_numba))
     except ImportError:
         pass
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved_torch)
+        for fn in reversed(restore):
+            fn()
 
 
-def _openblas_set_threads(threads):
-    """Without threadpoolctl: call OpenBLAS's own setter in the already loaded library."""
+def _openblas_threads(threads=None):
+    """Read (or set, when ``threads`` is given) OpenBLAS's thread count in the loaded library.
+
+    Returns the count read or set, ``None`` when no OpenBLAS is loaded.
+    """
     import ctypes
     try:
         with open("/proc/self/maps") as f:
-            libs = {line.split()[-1] for line in f if "openblas" in line.lower() and ".so" in line}
+            libs = sorted({line.split()[-1] for line in f if "openblas" in line.lower() and ".so" in line})
     except OSError:
-        return False
-    done = False
+        return None
     for lib in libs:
         try:
             handle = ctypes.CDLL(lib)
         except OSError:
             continue
-        for sym in ("scipy_openblas_set_num_threads64_", "scipy_openblas_set_num_threads",
-                    "openblas_set_num_threads64_", "openblas_set_num_threads"):
-            fn = getattr(handle, sym, None)
-            if fn is not None:
-                fn(ctypes.c_int(threads))
-                done = True
-                break
-    return done
+        for prefix in ("scipy_openblas", "openblas"):
+            for suffix in ("64_", ""):
+                getter = getattr(handle, f"{prefix}_get_num_threads{suffix}", None)
+                setter = getattr(handle, f"{prefix}_set_num_threads{suffix}", None)
+                if getter is None or setter is None:
+                    continue
+                if threads is None:
+                    return int(getter())
+                setter(ctypes.c_int(threads))
+                return threads
+    return None
 
 
 def cpu_sgemm_gflops(n=2048, repeat=5):
@@ -755,6 +776,12 @@ def run(args):
     repeat = args.repeat or DEFAULT_REPEAT[device]
     warmup = DEFAULT_WARMUP[device] if args.warmup is None else args.warmup
     threads = (args.threads or os.cpu_count()) if device == "cpu" else None
+    with cpu_threads(threads) if threads else contextlib.nullcontext():
+        return _bench(args, cases, repeat, warmup, threads)
+
+
+def _bench(args, cases, repeat, warmup, threads):
+    device = args.device
     backend = Backend(device, args.dtype, threads)
     versions = _versions(backend)
     print(f"ndconv bench: {device} ({backend.describe()}), {args.dtype}, {len(cases)} cases, "
