@@ -1,19 +1,29 @@
-"""The NumPy engine: im2col + BLAS, split into chunks bounded by a workspace limit.
+"""The NumPy engine: the three primitives, each with a few algorithms chosen per geometry.
 
-Layout of the temporaries (per chunk of ``nb`` samples and output rows ``a:b``):
+Algorithms (``CPUEngine.algorithms``):
 
-    padded  (nb, Cx, rows, *need[1:])        zero-padded input, only what windows read
-    cols    (nb, G, Cx/G * K, P)              one column per output position (P of them)
-    weight  (G, Cy/G, Cx/G * K)               a view of w, no copy
+* ``flat``  - stride 1. Every kernel tap reads the flattened, padded sample at a
+  fixed offset, so a block of im2col columns is one strided copy with a
+  contiguous inner axis, and one BLAS GEMM per block does all taps at once.
+  Outputs are computed at the padded row pitch; the wrap-around columns are
+  dropped when copied out.  Strides > 1 reach this path through phases:
+  ``x[o*s + k*d]`` with ``k*d = q*s + r`` reads phase ``r`` of x at ``o + q``, so a
+  strided convolution is a stride-1 convolution over the s^nd phases stacked as
+  channels (space-to-depth), and a strided *transposed* convolution is a
+  stride-1 convolution whose s^nd output phases are interleaved (depth-to-space).
+  No zeros are ever inserted into an input; the only waste is kernel taps that
+  a phase lacks (none when the kernel is a multiple of the stride).
+* ``depthwise`` - compiled loops (numba) when each group reads one channel.
+* ``im2col`` - the general fallback: gathered columns, GEMM, scatter-add (col2im).
 
-so forward is ``weight @ cols`` straight into ``y`` viewed as (nb, G, Cy/G, P),
-the weight gradient is ``gy @ cols^T`` and the input gradient is ``weight^T @ gy``
-scattered back tap by tap (col2im).  No zeros are inserted for strides, so a
-strided transposed convolution costs the same arithmetic as its forward twin.
+Temporaries are bounded by ``workspace_limit`` by splitting the batch (and, for
+im2col, the first output dim).  ``peak_temp_bytes`` records the largest seen.
 """
 from __future__ import annotations
 
 import math
+import time
+from contextlib import contextmanager
 from dataclasses import replace
 
 import numpy as np
@@ -22,6 +32,7 @@ from numpy.lib.stride_tricks import as_strided
 from . import cpu_depthwise as dw
 
 DEFAULT_WORKSPACE = 256 << 20
+OPS = ("forward", "backward_input", "backward_weight")
 
 
 def compute_dtype(dtype):
@@ -37,36 +48,92 @@ def need_extent(g):
 
 class CPUEngine:
     name = "cpu"
+    algorithms = ("depthwise", "flat", "im2col")
 
     def __init__(self, workspace_limit=DEFAULT_WORKSPACE):
         self.workspace_limit = workspace_limit
         self.peak_temp_bytes = 0
         self.block_bytes = 4 << 20    # column block of the flat path (measured: 1-8 MiB all close)
         self.min_block = 256          # narrower GEMMs lose BLAS efficiency
+        self.max_phase_waste = 1.3    # flat-through-phases when missing taps cost at most this
+        self._forced = None
+        self._tuned = {}
+
+    # ------------------------------------------------------------ choosing an algorithm
+
+    def supports(self, algorithm, op, g):
+        if algorithm == "depthwise":
+            return dw.AVAILABLE and g.x_channels == g.groups and g.groups > 1
+        if algorithm == "flat":
+            if op == "backward_input" and _unit_stride(g):
+                # the flipped kernel needs non-negative complementary padding
+                return all(lo <= d * (k - 1) for lo, d, k in zip(g.pad_lo, g.dilation, g.kernel))
+            return _phase_waste(g) <= self.max_phase_waste
+        return algorithm == "im2col"
+
+    def choose(self, op, g, dtype):
+        if self._forced is not None:
+            if not self.supports(self._forced, op, g):
+                raise ValueError(f"algorithm {self._forced!r} does not support {op} for {g}")
+            return self._forced
+        key = (op, g, np.dtype(dtype).str)
+        if key in self._tuned:
+            return self._tuned[key]
+        return next(a for a in self.algorithms if self.supports(a, op, g))
+
+    @contextmanager
+    def force(self, algorithm):
+        """Use one algorithm for every call inside the block (for tests and measurements)."""
+        if algorithm not in self.algorithms:
+            raise ValueError(f"algorithm must be one of {self.algorithms}, got algorithm={algorithm!r}")
+        previous, self._forced = self._forced, algorithm
+        try:
+            yield
+        finally:
+            self._forced = previous
+
+    def optimize(self, g, dtype=np.float32, repeat=3):
+        """Time every applicable algorithm on this geometry once; later calls use the fastest."""
+        dtype = np.dtype(dtype)
+        rng = np.random.default_rng(0)
+        x = rng.standard_normal(g.x_shape).astype(dtype)
+        w = rng.standard_normal(g.w_shape).astype(dtype)
+        gy = rng.standard_normal(g.y_shape).astype(dtype)
+        args = {"forward": (x, w), "backward_input": (gy, w), "backward_weight": (x, gy)}
+        chosen = {}
+        for op in OPS:
+            best = None
+            for algorithm in self.algorithms:
+                if not self.supports(algorithm, op, g):
+                    continue
+                with self.force(algorithm):
+                    times = []
+                    for _ in range(repeat):
+                        start = time.perf_counter()
+                        getattr(self, op)(*args[op], g)
+                        times.append(time.perf_counter() - start)
+                t = sorted(times)[len(times) // 2]
+                if best is None or t < best[0]:
+                    best = (t, algorithm)
+            chosen[op] = self._tuned[(op, g, dtype.str)] = best[1]
+        return chosen
 
     # ------------------------------------------------------------ the three primitives
 
     def forward(self, x, w, g):
         dt = compute_dtype(x.dtype)
-        y = np.empty(g.y_shape, dtype=dt)
-        if 0 in g.y_shape:
-            return y.astype(x.dtype)
-        if g.x_channels == 0:
-            y[...] = 0
-            return y.astype(x.dtype)
-        if self._use_depthwise(g):
-            return self._forward_depthwise(x, w, g, dt).astype(x.dtype, copy=False)
-        if _unit_stride(g):
-            return self._forward_flat(x, w, g, dt).astype(x.dtype, copy=False)
-        wm = _weight_matrix(w, g, dt)                        # (G, Cy/G, Cx/G*K)
-        for n0, n1, a, b in self._chunks(g, dt.itemsize):
-            cols = self._im2col(x, g, n0, n1, a, b, dt)      # (nb, G, Cx/G*K, P)
-            if (a, b) == (0, g.y_size[0]):
-                out = y[n0:n1].reshape(n1 - n0, g.groups, -1, cols.shape[-1])
-                np.matmul(wm, cols, out=out)
-            else:
-                res = np.matmul(wm, cols)                    # (nb, G, Cy/G, P)
-                y[n0:n1, :, a:b] = res.reshape((n1 - n0, g.y_channels, b - a) + g.y_size[1:])
+        if 0 in g.y_shape or g.x_channels == 0:
+            return np.zeros(g.y_shape, dtype=x.dtype)
+        algorithm = self.choose("forward", g, dt)
+        if algorithm == "depthwise":
+            y = self._forward_depthwise(x, w, g, dt)
+        elif algorithm == "flat":
+            y = np.empty(g.y_shape, dtype=dt)
+            for n0, n1 in self._batches(g, dt, _phase_waste(g)):
+                xs, ws, gs = _to_unit_stride(x[n0:n1], w, g.with_batch(n1 - n0), dt)
+                self._forward_flat(xs, ws, gs, dt, y[n0:n1])
+        else:
+            y = self._forward_im2col(x, w, g, dt)
         return y.astype(x.dtype, copy=False)
 
     def backward_input(self, gy, w, g):
@@ -74,54 +141,61 @@ class CPUEngine:
         gx = np.zeros(g.x_shape, dtype=dt)
         if 0 in g.y_shape or 0 in g.x_shape:
             return gx.astype(gy.dtype)
-        if self._use_depthwise(g):
-            return self._backward_input_depthwise(gy, w, g, dt, gx).astype(gy.dtype, copy=False)
-        if _unit_stride(g) and all(lo <= d * (k - 1) for lo, d, k in zip(g.pad_lo, g.dilation, g.kernel)):
-            # Stride 1: the input gradient is a forward convolution of gy with the
-            # flipped, group-transposed kernel and the complementary padding.
-            flipped = _flip_weight(w, g, dt)
+        algorithm = self.choose("backward_input", g, dt)
+        if algorithm == "depthwise":
+            self._backward_input_depthwise(gy, w, g, dt, gx)
+        elif algorithm == "flat" and _unit_stride(g):
+            # The input gradient is a forward convolution of gy with the flipped,
+            # group-transposed kernel and the complementary padding.
             g2 = replace(g, x_channels=g.y_channels, y_channels=g.x_channels, x_size=g.y_size,
-                         y_size=g.x_size, pad_lo=tuple(d * (k - 1) - lo for lo, d, k in
-                                                       zip(g.pad_lo, g.dilation, g.kernel)),
-                         pad_hi=(0,) * g.nd)
-            return self._forward_flat(gy, flipped, g2, dt).astype(gy.dtype, copy=False)
-        wt = np.swapaxes(_weight_matrix(w, g, dt), 1, 2)     # (G, Cx/G*K, Cy/G)
-        for n0, n1, a, b in self._chunks(g, dt.itemsize):
-            gyc = _rows(gy, g, n0, n1, a, b, dt)             # (nb, G, Cy/G, P)
-            gcols = np.matmul(wt, gyc)                       # (nb, G, Cx/G*K, P)
-            self._col2im_add(gcols, gx, g, n0, n1, a, b)
+                         y_size=g.x_size, pad_hi=(0,) * g.nd,
+                         pad_lo=tuple(d * (k - 1) - lo for lo, d, k in zip(g.pad_lo, g.dilation, g.kernel)))
+            flipped = _flip_weight(w, g, dt)
+            for n0, n1 in self._batches(g, dt):
+                self._forward_flat(gy[n0:n1], flipped, g2.with_batch(n1 - n0), dt, gx[n0:n1])
+        elif algorithm == "flat":
+            # Each output phase r of x is a stride-1 "full" convolution of gy with the
+            # taps k*d = q*s + r; all phases come out of one GEMM, then interleave.
+            wp, gp, q = _phase_weight_transposed(w, g, dt)
+            for n0, n1 in self._batches(g, dt, _phase_waste(g)):
+                nb = n1 - n0
+                phases = np.empty((nb, gp.y_channels) + gp.y_size, dtype=dt)
+                self._forward_flat(gy[n0:n1], wp, gp.with_batch(nb), dt, phases)
+                buf = _depth_to_space(phases, g, gp.y_size)       # (nb, Cx, *s*M), padded coords
+                self._note(phases, buf)
+                _add_unpadded(buf, gx, g, n0, n1, 0)
+        else:
+            self._backward_input_im2col(gy, w, g, dt, gx)
         return gx.astype(gy.dtype, copy=False)
 
     def backward_weight(self, x, gy, g):
         dt = compute_dtype(x.dtype)
-        gw = np.zeros((g.groups, g.y_channels // g.groups, (g.x_channels // g.groups) * g.taps), dtype=dt)
-        if 0 not in g.y_shape and g.x_channels and self._use_depthwise(g):
+        if 0 in g.y_shape or g.x_channels == 0:
+            return np.zeros(g.w_shape, dtype=x.dtype)
+        algorithm = self.choose("backward_weight", g, dt)
+        if algorithm == "depthwise":
             gw = self._backward_weight_depthwise(x, gy, g, dt)
-        elif 0 not in g.y_shape and g.x_channels and _unit_stride(g):
-            gw = self._backward_weight_flat(x, gy, g, dt)
-        elif 0 not in g.y_shape and g.x_channels:
-            for n0, n1, a, b in self._chunks(g, dt.itemsize):
-                cols = self._im2col(x, g, n0, n1, a, b, dt)  # (nb, G, Cx/G*K, P)
-                gyc = _rows(gy, g, n0, n1, a, b, dt)         # (nb, G, Cy/G, P)
-                gw += np.matmul(gyc, np.swapaxes(cols, 2, 3)).sum(axis=0)
-        return gw.reshape(g.w_shape).astype(x.dtype, copy=False)
+        elif algorithm == "flat":
+            gw = None
+            for n0, n1 in self._batches(g, dt, _phase_waste(g)):
+                xs, _, gs = _to_unit_stride(x[n0:n1], None, g.with_batch(n1 - n0), dt)
+                part = self._backward_weight_flat(xs, gy[n0:n1], gs, dt)
+                gw = part if gw is None else gw + part
+            gw = _phase_weight_gather(gw, g)
+        else:
+            gw = self._backward_weight_im2col(x, gy, g, dt)
+        return gw.astype(x.dtype, copy=False)
 
-    # ------------------------------------------------------------ stride 1: flat columns
+    # ------------------------------------------------------------ flat (stride 1) columns
 
-    def _flat_blocks(self, g, dt):
-        """Padded per-sample buffers and the flat extent L of the output positions.
-
-        With stride 1 every tap reads the flattened padded sample at a fixed offset, so
-        a column block is one strided copy with a contiguous inner axis (no per-window
-        gather); outputs are computed at padded-row pitch and the wrap-around columns
-        are dropped when they are copied out.
-        """
+    def _flat_layout(self, g, dt):
+        """Element pitch of a padded sample, flat extent L of the outputs, column block width."""
         need = need_extent(g)
-        pitch = [math.prod(need[i + 1:]) for i in range(g.nd)]      # element strides of a padded sample
+        pitch = tuple(math.prod(need[i + 1:]) for i in range(g.nd))
         length = sum((o - 1) * p for o, p in zip(g.y_size, pitch)) + 1
         per_col = dt.itemsize * (g.x_channels * g.taps + 2 * g.y_channels)
         block = max(self.min_block, min(length, self.block_bytes // per_col))
-        return need, pitch, length, block
+        return pitch, length, block
 
     def _flat_cols(self, flat, g, pitch, q0, width, buf):
         """Columns q0:q0+width of one padded sample (Cx, prod(need)) into buf (G, Cx/G*K, width)."""
@@ -132,17 +206,19 @@ class CPUEngine:
                           + tuple(d * p * item for d, p in zip(g.dilation, pitch)) + (item,),
                           writeable=False)
         out = buf[..., :width]
-        np.copyto(out.reshape(view.shape), view)
+        np.copyto(out.reshape(view.shape), view)   # splitting an axis: always a view
         return out
 
-    def _forward_flat(self, x, w, g, dt):
-        need, pitch, length, block = self._flat_blocks(g, dt)
+    def _forward_flat(self, x, w, g, dt, y):
+        """y[...] = conv(x, w) for a stride-1 geometry, one sample at a time."""
+        pitch, length, block = self._flat_layout(g, dt)
         cg, yg = g.x_channels // g.groups, g.y_channels // g.groups
         wm = _weight_matrix(w, g, dt)                                  # (G, Cy/G, Cx/G*K)
-        y = np.empty(g.y_shape, dtype=dt)
         full = np.empty((g.groups, yg, length), dtype=dt)              # y at padded pitch
         buf = np.empty((g.groups, cg * g.taps, block), dtype=dt)
         item = full.itemsize
+        valid = as_strided(full, shape=(g.y_channels,) + g.y_size,
+                           strides=(length * item,) + tuple(p * item for p in pitch), writeable=False)
         for n in range(g.batch):
             flat = self._padded(x, g, n, n + 1, 0, g.y_size[0], dt).reshape(g.x_channels, -1)
             self._note(flat, full, buf)
@@ -150,12 +226,11 @@ class CPUEngine:
                 width = min(block, length - q0)
                 cols = self._flat_cols(flat, g, pitch, q0, width, buf)
                 np.matmul(wm, cols, out=full[:, :, q0:q0 + width])
-            y[n] = as_strided(full, shape=(g.y_channels,) + g.y_size,
-                              strides=(length * item,) + tuple(p * item for p in pitch), writeable=False)
+            y[n] = valid
         return y
 
     def _backward_weight_flat(self, x, gy, g, dt):
-        need, pitch, length, block = self._flat_blocks(g, dt)
+        pitch, length, block = self._flat_layout(g, dt)
         cg, yg = g.x_channels // g.groups, g.y_channels // g.groups
         gw = np.zeros((g.groups, yg, cg * g.taps), dtype=dt)
         full = np.zeros((g.groups, yg, length), dtype=dt)               # gy at padded pitch, zero between rows
@@ -175,9 +250,6 @@ class CPUEngine:
 
     # ------------------------------------------------------------ depthwise: compiled loops
 
-    def _use_depthwise(self, g):
-        return dw.AVAILABLE and g.x_channels == g.groups and g.groups > 1
-
     def _depthwise_args(self, g):
         return (dw.pad3(g.stride, g.nd, 1) + dw.pad3(g.dilation, g.nd, 1)
                 + (g.y_channels // g.groups,))
@@ -186,73 +258,61 @@ class CPUEngine:
         return np.ascontiguousarray(w, dtype=dt).reshape((g.y_channels,) + dw.pad3(g.kernel, g.nd, 1))
 
     def _forward_depthwise(self, x, w, g, dt):
-        xp = self._padded(x, g, 0, g.batch, 0, g.y_size[0], dt)
         y = np.empty(g.y_shape, dtype=dt)
-        self._note(xp)
-        dw._forward(dw.as5d(xp, g.nd), self._kernel5(w, g, dt), dw.as5d(y, g.nd), *self._depthwise_args(g))
+        for n0, n1 in self._batches(g, dt):
+            xp = self._padded(x, g, n0, n1, 0, g.y_size[0], dt)
+            self._note(xp)
+            dw.forward(dw.as5d(xp, g.nd), self._kernel5(w, g, dt), dw.as5d(y[n0:n1], g.nd),
+                       *self._depthwise_args(g))
         return y
 
     def _backward_input_depthwise(self, gy, w, g, dt, gx):
-        buf = np.zeros((g.batch, g.x_channels) + need_extent(g), dtype=dt)
-        self._note(buf)
-        gyc = np.ascontiguousarray(gy, dtype=dt)
-        dw._backward_input(dw.as5d(gyc, g.nd), self._kernel5(w, g, dt), dw.as5d(buf, g.nd),
-                           *self._depthwise_args(g))
-        _add_unpadded(buf, gx, g, 0, g.batch, 0)
+        for n0, n1 in self._batches(g, dt):
+            buf = np.zeros((n1 - n0, g.x_channels) + need_extent(g), dtype=dt)
+            gyc = np.ascontiguousarray(gy[n0:n1], dtype=dt)
+            self._note(buf, gyc)
+            dw.backward_input(dw.as5d(gyc, g.nd), self._kernel5(w, g, dt), dw.as5d(buf, g.nd),
+                              *self._depthwise_args(g))
+            _add_unpadded(buf, gx, g, n0, n1, 0)
         return gx
 
     def _backward_weight_depthwise(self, x, gy, g, dt):
-        xp = self._padded(x, g, 0, g.batch, 0, g.y_size[0], dt)
         gw = np.zeros((g.y_channels,) + dw.pad3(g.kernel, g.nd, 1), dtype=dt)
-        self._note(xp)
-        gyc = np.ascontiguousarray(gy, dtype=dt)
-        dw._backward_weight(dw.as5d(xp, g.nd), dw.as5d(gyc, g.nd), gw, *self._depthwise_args(g))
+        part = np.empty_like(gw)
+        for n0, n1 in self._batches(g, dt):
+            xp = self._padded(x, g, n0, n1, 0, g.y_size[0], dt)
+            gyc = np.ascontiguousarray(gy[n0:n1], dtype=dt)
+            self._note(xp, gyc)
+            dw.backward_weight(dw.as5d(xp, g.nd), dw.as5d(gyc, g.nd), part, *self._depthwise_args(g))
+            gw += part
         return gw.reshape(g.w_shape)
 
-    # ------------------------------------------------------------ chunking
+    # ------------------------------------------------------------ im2col (general)
 
-    def _chunks(self, g, itemsize=8):
-        """Split (batch, first output dim) so that one chunk's temporaries fit the limit."""
-        need = need_extent(g)
-        out_rest = math.prod(g.y_size[1:])
-        need_rest = math.prod(need[1:])
-        per_row = itemsize * (g.x_channels * g.taps * out_rest + g.y_channels * out_rest)  # cols + rows of y
-        pad_row = itemsize * g.x_channels * need_rest
-        per_sample = per_row * g.y_size[0] + pad_row * need[0]
-        limit = self.workspace_limit
-        if per_sample <= limit:
-            nb = max(1, min(g.batch, limit // max(per_sample, 1)))
-            for n0 in range(0, g.batch, nb):
-                yield n0, min(g.batch, n0 + nb), 0, g.y_size[0]
-            return
-        rows = max(1, limit // (per_row + pad_row * g.stride[0] + 1))
-        for n0 in range(g.batch):
-            for a in range(0, g.y_size[0], rows):
-                yield n0, n0 + 1, a, min(g.y_size[0], a + rows)
+    def _forward_im2col(self, x, w, g, dt):
+        y = np.empty(g.y_shape, dtype=dt)
+        wm = _weight_matrix(w, g, dt)                        # (G, Cy/G, Cx/G*K)
+        for n0, n1, a, b in self._chunks(g, dt.itemsize):
+            cols = self._im2col(x, g, n0, n1, a, b, dt)      # (nb, G, Cx/G*K, P)
+            res = np.matmul(wm, cols)                        # (nb, G, Cy/G, P)
+            y[n0:n1, :, a:b] = res.reshape((n1 - n0, g.y_channels, b - a) + g.y_size[1:])
+        return y
 
-    def _note(self, *arrays):
-        self.peak_temp_bytes = max(self.peak_temp_bytes, sum(a.nbytes for a in arrays))
+    def _backward_input_im2col(self, gy, w, g, dt, gx):
+        wt = np.swapaxes(_weight_matrix(w, g, dt), 1, 2)     # (G, Cx/G*K, Cy/G)
+        for n0, n1, a, b in self._chunks(g, dt.itemsize):
+            gyc = _rows(gy, g, n0, n1, a, b, dt)             # (nb, G, Cy/G, P)
+            gcols = np.matmul(wt, gyc)                       # (nb, G, Cx/G*K, P)
+            self._col2im_add(gcols, gx, g, n0, n1, a, b)
+        return gx
 
-    # ------------------------------------------------------------ im2col / col2im
-
-    def _padded(self, x, g, n0, n1, a, b, dt):
-        """Zero-padded input rows read by output rows a:b: (nb, Cx, rows, *need[1:])."""
-        need = need_extent(g)
-        start0 = a * g.stride[0]
-        rows = (b - a - 1) * g.stride[0] + g.dilation[0] * (g.kernel[0] - 1) + 1
-        shape = (n1 - n0, g.x_channels, rows) + need[1:]
-        buf = np.zeros(shape, dtype=dt)
-        dst, src = [slice(None), slice(None)], [slice(n0, n1), slice(None)]
-        for i, (size, lo, extent) in enumerate(zip(g.x_size, g.pad_lo, (rows,) + need[1:])):
-            t = start0 if i == 0 else 0          # padded coordinate of the buffer's first element
-            r0 = max(0, lo - t)
-            r1 = min(extent, size + lo - t)
-            if r1 <= r0:
-                return buf
-            dst.append(slice(r0, r1))
-            src.append(slice(r0 + t - lo, r1 + t - lo))
-        buf[tuple(dst)] = x[tuple(src)]
-        return buf
+    def _backward_weight_im2col(self, x, gy, g, dt):
+        gw = np.zeros((g.groups, g.y_channels // g.groups, (g.x_channels // g.groups) * g.taps), dtype=dt)
+        for n0, n1, a, b in self._chunks(g, dt.itemsize):
+            cols = self._im2col(x, g, n0, n1, a, b, dt)      # (nb, G, Cx/G*K, P)
+            gyc = _rows(gy, g, n0, n1, a, b, dt)             # (nb, G, Cy/G, P)
+            gw += np.matmul(gyc, np.swapaxes(cols, 2, 3)).sum(axis=0)
+        return gw.reshape(g.w_shape)
 
     def _im2col(self, x, g, n0, n1, a, b, dt):
         padded = self._padded(x, g, n0, n1, a, b, dt)
@@ -275,7 +335,6 @@ class CPUEngine:
         """Scatter-add columns (nb, G, Cx/G*K, P) into gx[n0:n1] (rows for output a:b)."""
         nb, cg = n1 - n0, g.x_channels // g.groups
         need = need_extent(g)
-        start0 = a * g.stride[0]
         rows = (b - a - 1) * g.stride[0] + g.dilation[0] * (g.kernel[0] - 1) + 1
         out = (b - a,) + g.y_size[1:]
         buf = np.zeros((nb, g.x_channels, rows) + need[1:], dtype=gx.dtype)
@@ -286,29 +345,188 @@ class CPUEngine:
             window = tuple(slice(t * d, t * d + (o - 1) * s + 1, s)
                            for t, d, s, o in zip(tap, g.dilation, g.stride, out))
             grouped[(Ellipsis,) + window] += taps[(slice(None),) * 3 + tap]
-        _add_unpadded(buf, gx, g, n0, n1, start0)
+        _add_unpadded(buf, gx, g, n0, n1, a * g.stride[0])
+
+    # ------------------------------------------------------------ shared helpers
+
+    def _padded(self, x, g, n0, n1, a, b, dt):
+        """Zero-padded input rows read by output rows a:b: (nb, Cx, rows, *need[1:])."""
+        need = need_extent(g)
+        rows = (b - a - 1) * g.stride[0] + g.dilation[0] * (g.kernel[0] - 1) + 1
+        buf = np.zeros((n1 - n0, g.x_channels, rows) + need[1:], dtype=dt)
+        _copy_unpadded(x[n0:n1], buf, g.pad_lo, a * g.stride[0])
+        return buf
+
+    def _batches(self, g, dt, waste=1.0):
+        """Batch slices whose whole-sample temporaries fit the workspace limit."""
+        per_sample = dt.itemsize * waste * (2 * g.x_channels * math.prod(need_extent(g))
+                                            + 2 * g.y_channels * math.prod(g.y_size))
+        nb = int(max(1, min(g.batch, self.workspace_limit // max(per_sample, 1))))
+        return [(n0, min(g.batch, n0 + nb)) for n0 in range(0, g.batch, nb)]
+
+    def _chunks(self, g, itemsize):
+        """Split (batch, first output dim) so that one chunk's im2col temporaries fit the limit."""
+        need = need_extent(g)
+        out_rest = math.prod(g.y_size[1:])
+        per_row = itemsize * (g.x_channels * g.taps * out_rest + g.y_channels * out_rest)
+        pad_row = itemsize * g.x_channels * math.prod(need[1:])
+        per_sample = per_row * g.y_size[0] + pad_row * need[0]
+        limit = self.workspace_limit
+        if per_sample <= limit:
+            nb = max(1, min(g.batch, limit // max(per_sample, 1)))
+            for n0 in range(0, g.batch, nb):
+                yield n0, min(g.batch, n0 + nb), 0, g.y_size[0]
+            return
+        rows = max(1, limit // (per_row + pad_row * g.stride[0] + 1))
+        for n0 in range(g.batch):
+            for a in range(0, g.y_size[0], rows):
+                yield n0, n0 + 1, a, min(g.y_size[0], a + rows)
+
+    def _note(self, *arrays):
+        self.peak_temp_bytes = max(self.peak_temp_bytes, sum(a.nbytes for a in arrays))
+
+
+# ---------------------------------------------------------------- padding and layout helpers
+
+def _overlap(size, lo, start, extent):
+    """Buffer range [r0, r1) of a padded-coordinate buffer (first element at padded
+    coordinate ``start``) that holds real positions of an axis of ``size``."""
+    r0 = max(0, lo - start)
+    r1 = min(extent, size + lo - start)
+    return r0, r1, r0 + start - lo
+
+
+def _copy_unpadded(x, buf, pad_lo, start0):
+    """Copy x (nb, C, *size) into a zeroed padded-coordinate buffer (nb, C, *extent)."""
+    dst, src = [slice(None), slice(None)], [slice(None), slice(None)]
+    for i, (size, lo, extent) in enumerate(zip(x.shape[2:], pad_lo, buf.shape[2:])):
+        r0, r1, s0 = _overlap(size, lo, start0 if i == 0 else 0, extent)
+        if r1 <= r0:
+            return
+        dst.append(slice(r0, r1))
+        src.append(slice(s0, s0 + r1 - r0))
+    buf[tuple(dst)] = x[tuple(src)]
 
 
 def _add_unpadded(buf, gx, g, n0, n1, start0):
-    """Add the part of a padded-coordinate buffer (nb, Cx, rows, *need[1:]) that lies inside x.
+    """Add the part of a padded-coordinate buffer (nb, Cx, *extent) that lies inside x.
 
-    ``start0`` is the padded coordinate of the buffer's first row; padding and any
-    tail of x that no window reaches are left out (x there gets nothing).
+    Padding, and any tail of x that no window reaches, get nothing.
     """
     dst, src = [slice(n0, n1), slice(None)], [slice(None), slice(None)]
     for i, (size, lo, extent) in enumerate(zip(g.x_size, g.pad_lo, buf.shape[2:])):
-        t = start0 if i == 0 else 0
-        r0 = max(0, lo - t)
-        r1 = min(extent, size + lo - t)
+        r0, r1, s0 = _overlap(size, lo, start0 if i == 0 else 0, extent)
         if r1 <= r0:
             return
         src.append(slice(r0, r1))
-        dst.append(slice(r0 + t - lo, r1 + t - lo))
+        dst.append(slice(s0, s0 + r1 - r0))
     gx[tuple(dst)] += buf[tuple(src)]
 
 
 def _unit_stride(g):
     return all(s == 1 for s in g.stride)
+
+
+# ---------------------------------------------------------------- phases (strides through stride 1)
+
+def _phase_taps(g):
+    """Per dim: each tap's phase r and offset q (k*d = q*s + r), and the taps per phase Q."""
+    r = [[(k * d) % s for k in range(n)] for n, d, s in zip(g.kernel, g.dilation, g.stride)]
+    q = [[(k * d) // s for k in range(n)] for n, d, s in zip(g.kernel, g.dilation, g.stride)]
+    extent = tuple(d * (n - 1) // s + 1 for n, d, s in zip(g.kernel, g.dilation, g.stride))
+    return r, q, extent
+
+
+def _phase_waste(g):
+    """Multiply-adds of the phase form over the real ones (taps a phase lacks are zeros)."""
+    if _unit_stride(g):
+        return 1.0
+    _, _, extent = _phase_taps(g)
+    return math.prod(s * e for s, e in zip(g.stride, extent)) / g.taps
+
+
+def _phase_geometry(g, extent, transposed):
+    phases = math.prod(g.stride)
+    grid = tuple(o - 1 + e for o, e in zip(g.y_size, extent))       # M = Y - 1 + Q per dim
+    ones, zeros = (1,) * g.nd, (0,) * g.nd
+    if transposed:   # x := gy (Cy), y := phases of x (G, S, Cx/G), full padding Q-1 on each side
+        return replace(g, x_channels=g.y_channels, y_channels=g.x_channels * phases,
+                                x_size=g.y_size, y_size=grid, kernel=extent, stride=ones, dilation=ones,
+                                pad_lo=tuple(e - 1 for e in extent), pad_hi=tuple(e - 1 for e in extent))
+    return replace(g, x_channels=g.x_channels * phases, y_channels=g.y_channels, x_size=grid,
+                            y_size=g.y_size, kernel=extent, stride=ones, dilation=ones, pad_lo=zeros,
+                            pad_hi=zeros)
+
+
+def _to_unit_stride(x, w, g, dt):
+    """(x, w, g) of a strided convolution -> the stride-1 convolution over its phases."""
+    if _unit_stride(g):
+        return x, w, g
+    r, q, extent = _phase_taps(g)
+    gs = _phase_geometry(g, extent, transposed=False)
+    # Space-to-depth: phase (r0, r1, ..) of the padded input, stacked per group as channels.
+    grid = gs.x_size
+    padded = np.zeros((g.batch, g.x_channels) + tuple(s * m for s, m in zip(g.stride, grid)), dtype=dt)
+    _copy_unpadded(x, padded, g.pad_lo, 0)
+    cg = g.x_channels // g.groups
+    split = (g.batch, g.groups, cg) + tuple(v for m, s in zip(grid, g.stride) for v in (m, s))
+    order = ((0, 1) + tuple(4 + 2 * i for i in range(g.nd)) + (2,)
+             + tuple(3 + 2 * i for i in range(g.nd)))
+    xs = padded.reshape(split).transpose(order).reshape((g.batch, gs.x_channels) + grid)
+    ws = None
+    if w is not None:
+        # ws[cy, (r, c), q] = w[cy, c, k] for the tap k with phase r and offset q; else 0.
+        ws = np.zeros((g.y_channels,) + g.stride + (cg,) + extent, dtype=dt)
+        wc = np.asarray(w, dtype=dt)
+        for tap in np.ndindex(*g.kernel):
+            ph = tuple(r[i][t] for i, t in enumerate(tap))
+            off = tuple(q[i][t] for i, t in enumerate(tap))
+            ws[(slice(None),) + ph + (slice(None),) + off] = wc[(slice(None), slice(None)) + tap]
+        ws = ws.reshape(gs.w_shape)
+    return np.ascontiguousarray(xs), ws, gs
+
+
+def _phase_weight_gather(gw, g):
+    """Weight gradient of the phase form back to the real taps."""
+    if _unit_stride(g):
+        return gw
+    r, q, extent = _phase_taps(g)
+    cg = g.x_channels // g.groups
+    gw = gw.reshape((g.y_channels,) + g.stride + (cg,) + extent)
+    out = np.empty(g.w_shape, dtype=gw.dtype)
+    for tap in np.ndindex(*g.kernel):
+        ph = tuple(r[i][t] for i, t in enumerate(tap))
+        off = tuple(q[i][t] for i, t in enumerate(tap))
+        out[(slice(None), slice(None)) + tap] = gw[(slice(None),) + ph + (slice(None),) + off]
+    return out
+
+
+def _phase_weight_transposed(w, g, dt):
+    """Kernel of the stride-1 convolution of gy whose output channels are x's phases.
+
+    Phase r of the padded x at m sums w_k^T gy[m - q_k] over taps with phase r; as a
+    stride-1 correlation over gy padded by Q-1 that is tap j = Q-1-q_k.
+    """
+    r, q, extent = _phase_taps(g)
+    gp = _phase_geometry(g, extent, transposed=True)
+    yg, cg = g.y_channels // g.groups, g.x_channels // g.groups
+    wt = np.swapaxes(np.asarray(w, dtype=dt).reshape((g.groups, yg, cg) + g.kernel), 1, 2)
+    wp = np.zeros((g.groups,) + g.stride + (cg, yg) + extent, dtype=dt)
+    for tap in np.ndindex(*g.kernel):
+        ph = tuple(r[i][t] for i, t in enumerate(tap))
+        j = tuple(e - 1 - q[i][t] for i, (t, e) in enumerate(zip(tap, extent)))
+        wp[(slice(None),) + ph + (slice(None), slice(None)) + j] = wt[(slice(None),) * 3 + tap]
+    return wp.reshape(gp.w_shape), gp, q
+
+
+def _depth_to_space(phases, g, grid):
+    """(nb, G*S*Cx/G, *M) phase outputs -> (nb, Cx, *s*M) in padded coordinates."""
+    nb, cg, nd = phases.shape[0], g.x_channels // g.groups, g.nd
+    v = phases.reshape((nb, g.groups) + g.stride + (cg,) + grid)
+    # axes: 0 n, 1 g, 2..2+nd phase r_i, 2+nd c, 3+nd.. grid m_i  ->  n, g, c, (m_0, r_0), (m_1, r_1), ..
+    order = (0, 1, 2 + nd) + tuple(a for i in range(nd) for a in (3 + nd + i, 2 + i))
+    return np.ascontiguousarray(v.transpose(order)).reshape(
+        (nb, g.x_channels) + tuple(m * s for m, s in zip(grid, g.stride)))
 
 
 def _flip_weight(w, g, dt):

@@ -29,7 +29,7 @@ if AVAILABLE:
                 out[o] += wv * row[base + o * step]
 
     @njit(parallel=True, fastmath=True, cache=True)
-    def _forward(xp, w, y, s0, s1, s2, d0, d1, d2, mult):
+    def forward(xp, w, y, s0, s1, s2, d0, d1, d2, mult):
         n_, cy = y.shape[0], y.shape[1]
         k0_, k1_, k2_ = w.shape[1], w.shape[2], w.shape[3]
         for job in prange(n_ * cy):
@@ -48,7 +48,7 @@ if AVAILABLE:
                                 _axpy(out, w[co, k0, k1, k2], row, k2 * d2, s2)
 
     @njit(parallel=True, fastmath=True, cache=True)
-    def _backward_input(gy, w, gxp, s0, s1, s2, d0, d1, d2, mult):
+    def backward_input(gy, w, gxp, s0, s1, s2, d0, d1, d2, mult):
         # gxp (N, Cx, padded...) is zero on entry; each output scatters its kernel copy.
         n_, cx = gxp.shape[0], gxp.shape[1]
         o0_, o1_, o2_ = gy.shape[2], gy.shape[3], gy.shape[4]
@@ -77,7 +77,7 @@ if AVAILABLE:
                                             row[base + o2 * s2] += wv * src[o2]
 
     @njit(parallel=True, fastmath=True, cache=True)
-    def _backward_weight(xp, gy, gw, s0, s1, s2, d0, d1, d2, mult):
+    def backward_weight(xp, gy, gw, s0, s1, s2, d0, d1, d2, mult):
         n_, cy = gy.shape[0], gy.shape[1]
         o0_, o1_, o2_ = gy.shape[2], gy.shape[3], gy.shape[4]
         k0_, k1_, k2_ = gw.shape[1], gw.shape[2], gw.shape[3]
