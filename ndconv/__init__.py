@@ -27,3 +27,4 @@ from .modules import Module
 from .containers import Sequential
 from .modules import (Conv1D, Conv2D, Conv3D, ConvND, Deconv1D, Deconv2D, Deconv3D,  # noqa: E402
                       DeconvND)
+from .tools.explain import explain
