@@ -214,6 +214,10 @@ class CPUEngine:
         pitch, length, block = self._flat_layout(g, dt)
         cg, yg = g.x_channels // g.groups, g.y_channels // g.groups
         wm = _weight_matrix(w, g, dt)                                  # (G, Cy/G, Cx/G*K)
+        if _pointwise(g):   # the columns are x itself: one GEMM per sample, no copy
+            xv = np.asarray(x, dtype=dt).reshape(g.batch, g.groups, cg, -1)
+            np.matmul(wm, xv, out=y.reshape(g.batch, g.groups, yg, -1))
+            return y
         full = np.empty((g.groups, yg, length), dtype=dt)              # y at padded pitch
         buf = np.empty((g.groups, cg * g.taps, block), dtype=dt)
         item = full.itemsize
@@ -232,6 +236,10 @@ class CPUEngine:
     def _backward_weight_flat(self, x, gy, g, dt):
         pitch, length, block = self._flat_layout(g, dt)
         cg, yg = g.x_channels // g.groups, g.y_channels // g.groups
+        if _pointwise(g):
+            xv = np.asarray(x, dtype=dt).reshape(g.batch, g.groups, cg, -1)
+            gyv = np.asarray(gy, dtype=dt).reshape(g.batch, g.groups, yg, -1)
+            return np.matmul(gyv, np.swapaxes(xv, 2, 3)).sum(axis=0).reshape(g.w_shape)
         gw = np.zeros((g.groups, yg, cg * g.taps), dtype=dt)
         full = np.zeros((g.groups, yg, length), dtype=dt)               # gy at padded pitch, zero between rows
         buf = np.empty((g.groups, cg * g.taps, block), dtype=dt)
@@ -421,6 +429,11 @@ def _add_unpadded(buf, gx, g, n0, n1, start0):
         src.append(slice(r0, r1))
         dst.append(slice(s0, s0 + r1 - r0))
     gx[tuple(dst)] += buf[tuple(src)]
+
+
+def _pointwise(g):
+    """A 1x1 stride-1 convolution without padding: y = w @ x per sample."""
+    return g.taps == 1 and _unit_stride(g) and not any(g.pad_lo) and g.y_size == g.x_size
 
 
 def _unit_stride(g):
