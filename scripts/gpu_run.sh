@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# GPU run: the GPU test suite, then (when ndconv/bench.py exists) the GPU benchmark.
+# Meant for the device machine (an NVIDIA GPU with CuPy and PyTorch): from the repo root,
+#   OUT=/some/dir bash scripts/gpu_run.sh [extra pytest args]
+# Logs and JSON go to $OUT (default ./gpu-out).
+set -o pipefail
+export PYTHONUNBUFFERED=1
+OUT=${OUT:-$PWD/gpu-out}
+mkdir -p "$OUT"
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+# Keep run-time compiled kernels out of the (read-only or absent) home cache.
+export CUPY_CACHE_DIR=${CUPY_CACHE_DIR:-/tmp/cupy-kernel-cache}
+
+python3 - <<'PY' 2>&1 | tee "$OUT/versions.txt"
+import sys, numpy
+print("python", sys.version.split()[0], "numpy", numpy.__version__)
+try:
+    import cupy
+    print("cupy", cupy.__version__, "devices", cupy.cuda.runtime.getDeviceCount(),
+          cupy.cuda.runtime.getDeviceProperties(0)["name"].decode())
+except Exception as e:
+    print("cupy unavailable:", e)
+try:
+    import torch
+    print("torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.is_available())
+except Exception as e:
+    print("torch unavailable:", e)
+PY
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null | tee -a "$OUT/versions.txt"
+
+status=0
+python3 -m pytest -q -p no:cacheprovider -rs tests/test_gpu*.py -x "$@" 2>&1 | tee "$OUT/gpu-tests.log" || status=$?
+
+if [ -f ndconv/bench.py ]; then
+    python3 -m ndconv.bench --device gpu --repeat 10 --json "$OUT/bench-gpu.json" 2>&1 | tee "$OUT/bench-gpu.log"
+    bench_status=$?
+    [ "$status" -eq 0 ] && status=$bench_status
+fi
+exit $status
