@@ -2,7 +2,7 @@
 # GPU run: the GPU test suite, then (when ndconv/bench.py exists) the GPU benchmark.
 # Meant for the device machine (an NVIDIA GPU with CuPy and PyTorch): from the repo root,
 #   OUT=/some/dir bash scripts/gpu_run.sh [extra pytest args]
-# Logs and JSON go to $OUT (default ./gpu-out).
+# Logs and JSON go to $OUT (default ./gpu-out); GPU_RUN_BENCH=0 skips the benchmark.
 set -o pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-$PWD/gpu-out}
@@ -31,7 +31,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>
 status=0
 python3 -m pytest -q -p no:cacheprovider -rs tests/test_gpu*.py -x "$@" 2>&1 | tee "$OUT/gpu-tests.log" || status=$?
 
-if [ -f ndconv/bench.py ]; then
+if [ "${GPU_RUN_BENCH:-1}" != 0 ] && [ -f ndconv/bench.py ]; then
     python3 -m ndconv.bench --device gpu --repeat 10 --json "$OUT/bench-gpu.json" 2>&1 | tee "$OUT/bench-gpu.log"
     bench_status=$?
     [ "$status" -eq 0 ] && status=$bench_status
