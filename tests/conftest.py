@@ -26,7 +26,7 @@ try:
     from hypothesis import HealthCheck, settings
 
     settings.register_profile(
-        "ci", deadline=None, derandomize=True, print_blob=True,
+        "ci", deadline=None, derandomize=True, database=None, print_blob=True,
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
                                HealthCheck.filter_too_much])
     settings.register_profile(
