@@ -57,7 +57,7 @@ def test_default_weights_are_xavier_uniform_over_the_transposed_fan():
     np.random.seed(3)
     deconv = Deconv3D(inmaps=inmaps, outmaps=outsize, size=2, useBias=False)
     W = gpuarray.to_host(deconv.W)
-    # Transposed weight (in, out, k, k, k): fan "in" = out * k^3 = 16, bound sqrt(3/16).
+    # Transposed weight (in, out, k, k, k): fans swap, fan "in" = shape[0] * k^3 = 16, bound sqrt(3/16).
     bound = np.sqrt(3.0 / 16)
     assert W.min() >= -bound and W.max() <= bound
     np.random.seed(3)
