@@ -109,6 +109,72 @@ if AVAILABLE:
                         gw[co, k0, k1, k2] = acc[k0, k1, k2]
 
 
+if AVAILABLE:
+    # Stride 1: a padded plane is read flat.  Output p (at the padded row pitch) of
+    # tap t reads xf[p + offset[t]], so each tap is one long contiguous loop; the
+    # wrap-around positions between rows are computed and dropped.
+
+    @njit(fastmath=True, cache=True, inline="always")
+    def _store(acc, out, pitch0, pitch1):
+        for o0 in range(out.shape[0]):
+            for o1 in range(out.shape[1]):
+                base = o0 * pitch0 + o1 * pitch1
+                row = out[o0, o1]
+                for o2 in range(out.shape[2]):
+                    row[o2] = acc[base + o2]
+
+    @njit(parallel=True, fastmath=True, cache=True)
+    def flat_forward(xf, w, offsets, y, pitch0, pitch1, mult, length):
+        # xf (N, Cx, P) padded planes; w (Cy, K); y (N, Cy, O0, O1, O2)
+        n_, cy = y.shape[0], y.shape[1]
+        for job in prange(n_ * cy):
+            n = job // cy
+            co = job % cy
+            src = xf[n, co // mult]
+            acc = np.zeros(length, dtype=y.dtype)
+            for t in range(offsets.shape[0]):
+                wv = w[co, t]
+                seg = src[offsets[t]:offsets[t] + length]
+                for p in range(length):
+                    acc[p] += wv * seg[p]
+            _store(acc, y[n, co], pitch0, pitch1)
+
+    @njit(parallel=True, fastmath=True, cache=True)
+    def flat_backward_input(gf, w, offsets, gx, pitch0, pitch1, mult, length):
+        # gf (N, Cy, P) gy padded by the complementary padding; w (Cy, K) already flipped;
+        # gx (N, Cx, X0, X1, X2): gx[c] sums its mult output channels.
+        n_, cx = gx.shape[0], gx.shape[1]
+        for job in prange(n_ * cx):
+            n = job // cx
+            c = job % cx
+            acc = np.zeros(length, dtype=gx.dtype)
+            for m in range(mult):
+                co = c * mult + m
+                src = gf[n, co]
+                for t in range(offsets.shape[0]):
+                    wv = w[co, t]
+                    seg = src[offsets[t]:offsets[t] + length]
+                    for p in range(length):
+                        acc[p] += wv * seg[p]
+            _store(acc, gx[n, c], pitch0, pitch1)
+
+    @njit(parallel=True, fastmath=True, cache=True)
+    def flat_backward_weight(xf, gyf, offsets, gw, mult, length):
+        # xf (N, Cx, P) padded planes; gyf (N, Cy, L) gy at the padded pitch, zeros between rows.
+        n_, cy = gyf.shape[0], gyf.shape[1]
+        for co in prange(cy):
+            for t in range(offsets.shape[0]):
+                total = 0.0
+                for n in range(n_):
+                    g = gyf[n, co]
+                    seg = xf[n, co // mult, offsets[t]:offsets[t] + length]
+                    part = g.dtype.type(0)
+                    for p in range(length):
+                        part += g[p] * seg[p]
+                    total += part
+                gw[co, t] = total
+
+
 def as5d(a, nd):
     """(N, C, *s) -> (N, C, 1.., *s) with 5 dims, a view."""
     return a.reshape(a.shape[:2] + (1,) * (3 - nd) + a.shape[2:])
