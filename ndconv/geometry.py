@@ -277,7 +277,7 @@ def conv_transpose_geometry(input_shape, weight_shape, bias_shape=None, stride=1
     groups = _check_groups(groups)
     stride = int_tuple(stride, nd, "stride", 1)
     dilation = int_tuple(dilation, nd, "dilation", 1)
-    output_padding = int_tuple(output_padding, nd, "output_padding")
+    output_padding = int_tuple(output_padding, nd, "output_padding", 0)
     c_in, c_out_g = weight_shape[:2]
     kernel = weight_shape[2:]
     n, c = shape[:2]

@@ -348,3 +348,24 @@ def run_transpose_case(c):
 @settings(max_examples=400)
 def test_conv_transpose_matches_torch(c):
     run_transpose_case(c)
+
+
+# ------------------------------------------------------------------ float16
+
+def _half(case):
+    case["layout"]["dtype"] = np.float16
+    return case
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same'")
+@given(conv_cases().map(_half))
+@settings(max_examples=30)
+def test_conv_float16_matches_torch(c):
+    """float16 in and out (accumulated in float32): close to float64 on the same values."""
+    run_conv_case(c)
+
+
+@given(transpose_cases().map(_half))
+@settings(max_examples=30)
+def test_conv_transpose_float16_matches_torch(c):
+    run_transpose_case(c)
