@@ -45,12 +45,13 @@ class Panel:
     """
 
     def __init__(self, cells, title, caption=(), title_color="black", row_label="row", col_label="col",
-                 frames=(), op_before=None, show_rows=True):
+                 frames=(), op_before=None, show_rows=True, cell=CELL):
         self.cells = cells
+        self.cell = cell
         self.nrows, self.ncols = len(cells), len(cells[0])
         self.title, self.title_color = title, title_color
         self.caption = []
-        chars = max(12, int((LEFT + len(cells[0]) * CELL + GAP) * 72 / (0.55 * 7.5)))
+        chars = max(12, int((LEFT + len(cells[0]) * cell + GAP) * 72 / (0.55 * 7.5)))
         for c in caption:
             if c:
                 self.caption += textwrap.wrap(c, chars)
@@ -61,15 +62,17 @@ class Panel:
 
     @property
     def width(self):
-        return LEFT + self.ncols * CELL + RIGHT
+        # wide enough for the title too, so neighbouring titles never overlap
+        return max(LEFT + self.ncols * self.cell + RIGHT, 0.6 * 10 / 72 * len(self.title) + 0.3)
 
     @property
     def height(self):
-        return TOP + self.nrows * CELL + BOTTOM_LINE * len(self.caption) + 0.12
+        return TOP + self.nrows * self.cell + BOTTOM_LINE * len(self.caption) + 0.12
 
     def draw(self, fig, x0, y_top, W, H):
         from matplotlib.patches import Rectangle
-        w, h = self.ncols * CELL, self.nrows * CELL
+        w, h = self.ncols * self.cell, self.nrows * self.cell
+        x0 += (self.width - (LEFT + w + RIGHT)) / 2
         ax = fig.add_axes(((x0 + LEFT) / W, (H - y_top - TOP - h) / H, w / W, h / H))
         ax.set_xlim(-0.5, self.ncols - 0.5)
         ax.set_ylim(self.nrows - 0.5, -0.5)
@@ -89,7 +92,7 @@ class Panel:
             ax.set_yticks([])
         ax.tick_params(length=0, pad=2)
         longest = max(len(c.get("text", "")) for r in self.cells for c in r)
-        size = min(11.0, CELL * 72 / (0.62 * max(longest, 1) + 1.1))
+        size = min(11.0, self.cell * 72 / (0.62 * max(longest, 1) + 1.1))
         for r, row in enumerate(self.cells):
             for c, cell in enumerate(row):
                 fills = cell.get("fills") or ["white"]
@@ -121,6 +124,7 @@ class Panel:
             fig.text(cx, (H - y_top - TOP - h - 0.13 - i * BOTTOM_LINE) / H, line, ha="center", va="center",
                      fontsize=7.5, color="#222")
         if self.op_before:
+            x0 -= (self.width - (LEFT + w + RIGHT)) / 2
             fig.text((x0 - GAP / 2 + 0.05) / W, (H - y_top - TOP - h / 2) / H, self.op_before, ha="center",
                      va="center", fontsize=15 if len(self.op_before) == 1 else 9, color="#333", linespacing=1.1)
 
@@ -263,8 +267,13 @@ def _build_transposed(e):
                       for c in range(c2.shape[1])] for r in range(c2.shape[0])]
             corner = ", ".join(f"{i}·{s}" for i, s in zip(idx, g.stride))
             at = ", ".join(str(i * s) for i, s in zip(idx, g.stride))
-            cap = [f"{fmt_num(x[idx])} × w placed at ({corner})" + (f" = ({at})" if corner != at else "")]
+            if nd == 1:
+                cap = [f"{fmt_num(x[idx])} × w placed at {corner} = {at}"]
+            else:
+                cap = [f"{fmt_num(x[idx])} × w placed at ({corner}) = ({at})"]
+            side = max(e.canvas.shape)
             panels.append(Panel(cells, f"{_idx('x', idx)} = {fmt_num(x[idx])}", cap, title_color=color[idx],
+                                cell=CELL if side <= 6 else max(0.24, CELL * 6 / side),
                                 frames=[f[:4] + ("#555", "--") for f in frame], op_before="+" if panels else None,
                                 **_labels(nd, "canvas ")))
         for i in range(0, len(panels), per_row):
@@ -305,8 +314,8 @@ def _build_transposed(e):
         depth_note = ""
         if d is not None and kinds[0][d] == "crop":
             depth_note = " (cropped)"
-        title = "full canvas = sum" + (f", depth {d}{depth_note}" if d is not None else "")
-        cap = [f"{' × '.join(map(str, e.canvas.shape))} before cropping"] if d in (None, 0) else []
+        title = "full canvas = sum" if d is None else f"canvas, depth {d}{depth_note}"
+        cap = [f"size {' × '.join(map(str, e.canvas.shape))} before cropping"] if d in (None, 0) else []
         if d in (None, 0):
             words = ("position",) if nd == 1 else ("rows", "cols") if nd == 2 else ("depths", "rows", "cols")
             cap.append("cropped " + ", ".join(f"{w} {c}" for w, c in zip(words, crop_words)))
@@ -326,7 +335,7 @@ def _build_transposed(e):
                 who = owners(full)
                 row.append({"text": fmt_num(e.output[oidx]), "fills": [light[w] for w in who] or None, "bold": True})
             cells.append(row)
-        title = f"output {_dims(e.output)}" + (f", depth {d}" if d is not None else "")
+        title = f"output ({_dims(e.output)})" if d is None else f"output, depth {d}"
         cap = [f"canvas {where}", f"= ndconv.{e.op}(x, w)"] if d in (None, 0) else []
         out_row.append(Panel(cells, title, cap, op_before="crop\n→" if (nd <= 2 and d in (None, 0)) else None,
                              **_labels(nd, "output ")))
@@ -340,7 +349,7 @@ def _build_transposed(e):
     if len(elems) > 8:
         handles.append(Patch(facecolor="white", edgecolor="#888", label=f"... one colour per element ({len(elems)})"))
     if any_overlap:
-        handles.append(Patch(facecolor="white", edgecolor="#888", label="stripes: copies that overlap add up"))
+        handles.append(Patch(facecolor="white", edgecolor="#888", hatch="||", label="stripes: copies that overlap add up"))
     if any(k == "crop" for ks in kinds for k in ks):
         handles.append(Patch(facecolor="white", edgecolor=CROP_GREY, hatch="///", label="cropped by padding"))
     if nd <= 2:
@@ -437,7 +446,7 @@ def _build_conv(e):
         cells = [[{"text": fmt_num(sl[r, c]), "bold": True,
                    "fills": [_light(color[lift((r, c), d)])] if nd < 3 else None}
                   for c in range(sl.shape[1])] for r in range(sl.shape[0])]
-        out_row.append(Panel(cells, f"output y {_dims(e.output)}" + (f", depth {d}" if d is not None else ""),
+        out_row.append(Panel(cells, f"output y ({_dims(e.output)})" + (f", depth {d}" if d is not None else ""),
                              [f"= ndconv.{e.op}(x, w)"] if d in (None, 0) else [], **_labels(nd, "output ")))
     rows.append(out_row)
     handles = []
