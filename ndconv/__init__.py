@@ -28,3 +28,8 @@ from .containers import Sequential
 from .modules import (Conv1D, Conv2D, Conv3D, ConvND, Deconv1D, Deconv2D, Deconv3D,  # noqa: E402
                       DeconvND)
 from .tools.explain import explain
+
+# Training pieces (issue 7): activations, cost, optimizers.
+from .activations import ReLU, Sigmoid, Tanh
+from .cost import MSE
+from .optimizers import SGD, Adam

@@ -235,3 +235,137 @@ def test_optimizer_misuse():
         Adam().setupOn({"w": np.zeros(3)})
     with pytest.raises(ValueError, match="no parameters"):
         Adam().setupOn({})
+
+
+# ---------------------------------------------------------------------------- activations
+
+from ndconv.activations import ReLU, Sigmoid, Tanh  # noqa: E402
+from ndconv.containers import Sequential  # noqa: E402
+from ndconv.modules import Conv2D, Deconv2D  # noqa: E402
+
+ACTIVATIONS = {
+    "ReLU": (ReLU, lambda x: np.maximum(x, 0)),
+    "Sigmoid": (Sigmoid, lambda x: 1 / (1 + np.exp(-x))),
+    "Tanh": (Tanh, np.tanh),
+}
+
+
+@pytest.mark.parametrize("name", sorted(ACTIVATIONS))
+def test_activation_gradient_finite_differences(name):
+    cls, ref = ACTIVATIONS[name]
+    rng = np.random.default_rng(11)
+    x = rng.uniform(-3, 3, (2, 3, 4, 5))
+    x[np.abs(x) < 0.05] = 0.5            # keep ReLU's kink away from the differences
+    weights = rng.standard_normal(x.shape)
+    act = cls()
+    y = act(x)
+    np.testing.assert_allclose(y, ref(x), rtol=1e-14, atol=1e-15)
+    assert act.data is y and y.dtype == np.float64
+    grad = act.backward(weights)
+    assert act.grad is grad and grad.shape == x.shape
+    num = numeric_grad(lambda z: float((cls()(z) * weights).sum()), x.copy())
+    np.testing.assert_allclose(grad, num, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("name", sorted(ACTIVATIONS))
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+def test_activation_keeps_dtype_and_input(name, dtype):
+    cls, ref = ACTIVATIONS[name]
+    x = np.linspace(-4, 4, 24, dtype=dtype).reshape(2, 3, 4)
+    x0 = x.copy()
+    act = cls()
+    y = act(x)
+    g = act.backward(np.ones_like(x))
+    assert y.dtype == dtype and g.dtype == dtype
+    np.testing.assert_array_equal(x, x0)
+    tol = 2e-3 if dtype == np.float16 else 1e-6
+    np.testing.assert_allclose(y.astype(np.float64), ref(x.astype(np.float64)), rtol=tol, atol=tol)
+
+
+def test_sigmoid_saturates_without_overflow():
+    x = np.array([-1000.0, -50.0, 0.0, 50.0, 1000.0], np.float32)
+    with np.errstate(over="raise", invalid="raise", divide="raise"):  # underflow to 0 is fine
+        y = Sigmoid()(x)
+    np.testing.assert_allclose(y, [0.0, 1.9287499e-22, 0.5, 1.0, 1.0], rtol=1e-6)
+    assert np.isfinite(y).all()
+
+
+def test_relu_gradient_is_zero_at_zero_and_nan_propagates():
+    act = ReLU()
+    act(np.array([-1.0, 0.0, 2.0]))
+    np.testing.assert_array_equal(act.backward(np.array([5.0, 5.0, 5.0])), [0.0, 0.0, 5.0])
+    assert np.isnan(act.backward(np.array([1.0, 1.0, np.nan]))[2])
+
+
+def test_activation_life_cycle_errors():
+    with pytest.raises(RuntimeError, match="before forward"):
+        Tanh().backward(np.ones(3))
+    act = Sigmoid()
+    act(np.zeros((2, 2)))
+    with pytest.raises(ValueError, match=r"\(3,\)"):
+        act.backward(np.ones(3))
+    with pytest.raises(TypeError, match="int64"):
+        ReLU()(np.zeros(3, np.int64))
+
+
+@pytest.mark.requires_torch
+def test_activations_match_torch(torch):
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((3, 7)) * 4
+    g = rng.standard_normal(x.shape)
+    for name, tf in (("ReLU", torch.relu), ("Sigmoid", torch.sigmoid), ("Tanh", torch.tanh)):
+        act = ACTIVATIONS[name][0]()
+        tx = torch.tensor(x, requires_grad=True)
+        ty = tf(tx)
+        ty.backward(torch.tensor(g))
+        np.testing.assert_allclose(act(x), ty.detach().numpy(), rtol=1e-14, atol=1e-16)
+        # near saturation 1 - y keeps few digits in both libraries: rtol 1e-7, not 1e-14
+        np.testing.assert_allclose(act.backward(g), tx.grad.numpy(), rtol=1e-7, atol=1e-16)
+
+
+# ---------------------------------------------------------------------------- a tiny training run
+
+
+def _tiny_net(seed):
+    rng = np.random.default_rng(seed)
+    net = Sequential()
+    net.append(Conv2D(1, 4, 4, stride=2, pad=1, name="enc", rng=rng))
+    net.append(Tanh(name="act"))
+    net.append(Deconv2D(4, 1, 4, stride=2, pad=1, name="dec", rng=rng))
+    net.append(Sigmoid(name="out"))
+    return net
+
+
+@pytest.mark.parametrize("make_opt", [lambda: Adam(alpha=0.02), lambda: SGD(learnRate=2.0, momRate=0.9)],
+                         ids=["adam", "sgd"])
+def test_tiny_training_run_reduces_loss(make_opt):
+    x = make_shapes(16, size=12, seed=5)
+    net = _tiny_net(0)
+    opt = make_opt().setupOn(net)
+    assert sorted(name for name, _ in opt.params) == ["dec.W", "dec.b", "enc.W", "enc.b"]
+    cost = MSE()
+    losses = []
+    for _ in range(60):
+        error, grad = cost(net(x), x)
+        net.backward(grad)
+        opt.update()
+        losses.append(error)
+    assert all(np.isfinite(losses))
+    assert losses[-1] < 0.3 * losses[0], losses[::10]
+    assert np.mean(losses[-5:]) < np.mean(losses[:5])
+
+
+def test_training_is_deterministic():
+    x = make_shapes(8, size=12, seed=6)
+
+    def train():
+        net = _tiny_net(3)
+        opt = Adam(alpha=0.01).setupOn(net)
+        for _ in range(5):
+            _, grad = MSE()(net(x), x)
+            net.backward(grad)
+            opt.update()
+        return net.getVar("enc.W").data.copy(), MSE()(net(x), x)[0]
+
+    (w1, e1), (w2, e2) = train(), train()
+    assert np.array_equal(w1, w2) and e1 == e2
