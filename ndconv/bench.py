@@ -343,13 +343,38 @@ class Backend:
         return f"{cpu_model()}, {os.cpu_count()} logical cores, {self.threads} threads"
 
     def measure_ceilings(self):
-        """``{"compute": (label, GFLOP/s), "memory": (label, GB/s) or None}``."""
+        """``{"compute": Ceiling, "memory": Ceiling or None}``, measured now."""
         if self.cupy is None:
-            return {"compute": ("sgemm", cpu_sgemm_gflops()), "memory": None}
+            return {"compute": Ceiling("sgemm", "GFLOP/s", [cpu_sgemm_gflops()]), "memory": None}
         cp = self.cupy
         label = "fp32 mm" if self.dtype == "float32" else "fp16 mm"
-        return {"compute": (label, gpu_matmul_gflops(cp, self.dtype)),
-                "memory": ("copy", gpu_copy_gbs(cp))}
+        return {"compute": Ceiling(label, "GFLOP/s", [gpu_matmul_gflops(cp, self.dtype)]),
+                "memory": Ceiling("copy", "GB/s", [gpu_copy_gbs(cp)])}
+
+    def resample_ceilings(self, ceilings):
+        """CPU only: measure sgemm again between cases.
+
+        A shared CPU's speed drifts during a run of minutes; sampling the ceiling
+        throughout the run exposes it to the same drift as the rows it scales.  The
+        GPU is steady, and its ceilings are measured once.
+        """
+        if self.cupy is None:
+            ceilings["compute"].samples.append(cpu_sgemm_gflops(repeat=3))
+
+
+@dataclass
+class Ceiling:
+    """A machine rate (median of the samples taken during the run)."""
+    label: str
+    unit: str
+    samples: list
+
+    @property
+    def rate(self):
+        return statistics.median(self.samples)
+
+    def __str__(self):
+        return f"{self.label} {self.rate:.1f} {self.unit}"
 
 
 def cpu_model():
@@ -540,8 +565,12 @@ def torch_calls(case, x, w, gy):
     return {"fwd": fwd, "bwd_data": bwd_data, "bwd_weight": bwd_weight}
 
 
-def run_case(case, backend, repeat, warmup, ceilings, ops=OPS):
-    """Check and time one case; returns one record per operation."""
+def run_case(case, backend, repeat, warmup, ops=OPS):
+    """Check and time one case; returns one record per operation.
+
+    Each timed record carries ``_ceiling`` ("compute" or "memory") and ``_work``
+    (GFLOP or GB per call) for :func:`apply_ceilings` once the run has ended.
+    """
     import ndconv
     dtype = backend.dtype
     flops = case.geometry().flops()
@@ -556,14 +585,12 @@ def run_case(case, backend, repeat, warmup, ceilings, ops=OPS):
         return [_failed(dict(base, op=op), "error", f"{type(e).__name__}: {e}") for op in ops]
     nd_fns = ndconv_calls(case, *nd_args)
     th_fns = torch_calls(case, *th_args)
-    if ceilings["memory"] is not None and case.groups > 1:
-        # Grouped and depthwise rows are memory bound: rate = the bytes any algorithm
-        # must move (read two operands, write the third) over the time.
-        label, ceiling = ceilings["memory"]
-        amount = (x.nbytes + w.nbytes + gy.nbytes) / 1e9
+    if backend.device == "gpu" and case.groups > 1:
+        # Grouped and depthwise rows are memory bound there: rate = the bytes any
+        # algorithm must move (read two operands, write the third) over the time.
+        ceiling, work = "memory", (x.nbytes + w.nbytes + gy.nbytes) / 1e9
     else:
-        label, ceiling = ceilings["compute"]
-        amount = flops / 1e9
+        ceiling, work = "compute", flops / 1e9
     records = []
     for op in ops:
         rec = dict(base, op=op)
@@ -590,8 +617,19 @@ def run_case(case, backend, repeat, warmup, ceilings, ops=OPS):
         nd_s, th_s = timing.median_a, timing.median_b
         rec.update(ndconv_ms=nd_s * 1e3, torch_ms=th_s * 1e3, ratio=nd_s / th_s,
                    gflops=flops / nd_s / 1e9, torch_gflops=flops / th_s / 1e9,
-                   ceiling=label, ceiling_rate=ceiling, ceiling_pct=100.0 * amount / nd_s / ceiling,
-                   status="ok", error=None)
+                   status="ok", error=None, _ceiling=ceiling, _work=work)
+    return records
+
+
+def apply_ceilings(records, ceilings):
+    """Fill ``ceiling``, ``ceiling_rate`` and ``ceiling_pct`` of the timed records."""
+    for rec in records:
+        kind, work = rec.pop("_ceiling", None), rec.pop("_work", None)
+        if rec.get("status") != "ok" or kind is None:
+            continue
+        c = ceilings[kind]
+        rec.update(ceiling=c.label, ceiling_rate=c.rate,
+                   ceiling_pct=100.0 * work / (rec["ndconv_ms"] * 1e-3) / c.rate)
     return records
 
 
@@ -786,9 +824,10 @@ def _bench(args, cases, repeat, warmup, threads):
     versions = _versions(backend)
     print(f"ndconv bench: {device} ({backend.describe()}), {args.dtype}, {len(cases)} cases, "
           f"repeat {repeat}, warm-up {warmup}", file=sys.stderr)
+    busy = _busy_warning(device)
+    if busy:
+        print(busy, file=sys.stderr)
     ceilings = backend.measure_ceilings()
-    ceiling_text = ", ".join(f"{lab} {rate:.1f} {'GB/s' if lab == 'copy' else 'GFLOP/s'}"
-                             for lab, rate in filter(None, ceilings.values()))
 
     try:
         from tqdm import tqdm
@@ -799,7 +838,7 @@ def _bench(args, cases, repeat, warmup, threads):
     for case in cases:
         if bar is not None:
             bar.set_postfix_str(case.name)
-        for rec in run_case(case, backend, repeat, warmup, ceilings):
+        for rec in run_case(case, backend, repeat, warmup):
             rec.update(versions)
             records.append(rec)
             if rec["status"] != "ok":
@@ -810,16 +849,22 @@ def _bench(args, cases, repeat, warmup, threads):
         if backend.cupy is not None:
             backend.cupy.get_default_memory_pool().free_all_blocks()
             backend.torch.cuda.empty_cache()
+        backend.resample_ceilings(ceilings)
     if bar is not None:
         bar.close()
+    apply_ceilings(records, ceilings)
+    ceiling_text = ", ".join(str(c) for c in ceilings.values() if c is not None)
 
     print(f"# ndconv bench --device {device} --dtype {args.dtype} --repeat {repeat}"
           + (f" --threads {threads}" if threads else ""))
     print(f"# machine: {backend.describe()}")
+    if busy:
+        print(f"# {busy}")
     print(f"# versions: ndconv {versions['ndconv_version']}, numpy {versions['numpy_version']}, "
           f"torch {versions['torch_version']}" + (f", cupy {versions['cupy_version']}"
                                                   if "cupy_version" in versions else ""))
-    print(f"# ceilings measured in this run: {ceiling_text}")
+    print(f"# ceilings measured in this run: {ceiling_text}"
+          + (" (median of samples before and after every case)" if device == "cpu" else ""))
     print()
     print(format_table(records))
     if args.json:
@@ -829,6 +874,19 @@ def _bench(args, cases, repeat, warmup, threads):
         title = f"ndconv / PyTorch, {device} {args.dtype}" + (f", geomean {gm:.2f}" if gm else "")
         write_plot(records, args.plot, title)
     return 1 if any(r["status"] != "ok" for r in records) else 0
+
+
+def _busy_warning(device):
+    """A warning when other processes already load the CPU (timings then mislead)."""
+    if device != "cpu" or not hasattr(os, "getloadavg"):
+        return None
+    load = os.getloadavg()[0]
+    cores = os.cpu_count() or 1
+    if load > 0.5 * cores + 0.5:
+        return (f"warning: load average {load:.1f} on {cores} cores before the run: other processes "
+                f"compete for the CPU, so times are noisy and thread pools that spin (OpenMP) "
+                f"may suffer more than others")
+    return None
 
 
 def _versions(backend):

@@ -42,7 +42,7 @@ def tiny_suite(tmp_path):
 @pytest.fixture
 def fast_ceiling(monkeypatch):
     """A real but small sgemm measurement: the 2048^3 default costs seconds on CI."""
-    monkeypatch.setattr(bench, "cpu_sgemm_gflops", lambda: _REAL_SGEMM(n=256, repeat=2))
+    monkeypatch.setattr(bench, "cpu_sgemm_gflops", lambda n=256, repeat=2: _REAL_SGEMM(n=256, repeat=2))
 
 
 _REAL_SGEMM = bench.cpu_sgemm_gflops
@@ -128,6 +128,19 @@ def test_rel_error():
     assert bench.rel_error(np.array([np.nan]), np.array([1.0])) == math.inf
     with pytest.raises(ValueError, match="shapes differ"):
         bench.rel_error(np.zeros((2, 3)), np.zeros((3, 2)))
+
+
+def test_ceilings_are_medians_of_samples_applied_after_the_run():
+    ceilings = {"compute": bench.Ceiling("sgemm", "GFLOP/s", [100.0, 300.0, 200.0]), "memory": None}
+    assert ceilings["compute"].rate == 200.0
+    assert str(ceilings["compute"]) == "sgemm 200.0 GFLOP/s"
+    ok = {"status": "ok", "ndconv_ms": 10.0, "_ceiling": "compute", "_work": 0.5}   # 0.5 GFLOP in 10 ms
+    bad = {"status": "mismatch", "ceiling_pct": None}
+    bench.apply_ceilings([ok, bad], ceilings)
+    assert ok["ceiling"] == "sgemm" and ok["ceiling_rate"] == 200.0
+    assert ok["ceiling_pct"] == pytest.approx(25.0)      # 50 GFLOP/s of 200
+    assert "_ceiling" not in ok and "_work" not in ok
+    assert bad == {"status": "mismatch", "ceiling_pct": None}
 
 
 def test_cpu_sgemm_ceiling_is_a_rate():
