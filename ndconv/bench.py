@@ -800,6 +800,7 @@ def run(args):
         if device not in suite:
             raise BenchError(f"suite file {str(args.suite or DEFAULT_SUITE)!r} has no {device!r} cases")
         cases = select_cases(suite[device], args.cases)
+        _check_outputs(args)
     except BenchError as e:
         return _error(str(e))
     if device == "gpu":
@@ -874,6 +875,23 @@ def _bench(args, cases, repeat, warmup, threads):
         title = f"ndconv / PyTorch, {device} {args.dtype}" + (f", geomean {gm:.2f}" if gm else "")
         write_plot(records, args.plot, title)
     return 1 if any(r["status"] != "ok" for r in records) else 0
+
+
+def _check_outputs(args):
+    """Fail before minutes of timing, not after, when an output cannot be written."""
+    for opt, path in (("--json", args.json), ("--plot", args.plot)):
+        if path is None:
+            continue
+        parent = Path(path).resolve().parent
+        if not parent.is_dir():
+            raise BenchError(f"{opt}: directory {str(parent)!r} does not exist (for {path!r})")
+        if Path(path).is_dir():
+            raise BenchError(f"{opt}: {path!r} is a directory, expected a file name")
+    if args.plot is not None:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise BenchError("--plot needs matplotlib (pip install 'ndconv[bench]')") from None
 
 
 def _busy_warning(device):

@@ -346,6 +346,16 @@ def test_bad_suite_is_a_clear_error(tmp_path, capsys):
     assert err.startswith("ndconv bench: error:") and "'dilation'" in err and "tiny_conv" in err
 
 
+@pytest.mark.parametrize("opt", ["--json", "--plot"])
+def test_unwritable_output_fails_before_timing(tmp_path, capsys, opt, monkeypatch):
+    monkeypatch.setattr(bench, "run_case", lambda *a, **k: pytest.fail("timed despite a bad output path"))
+    rc = run_cli([opt, str(tmp_path / "missing-dir" / "out.x")])
+    err = capsys.readouterr().err
+    assert rc == 2 and opt in err and "does not exist" in err
+    rc = run_cli([opt, str(tmp_path)])
+    assert rc == 2 and "is a directory" in capsys.readouterr().err
+
+
 def test_suite_without_the_device_list(tiny_suite, capsys):
     rc = run_cli(["--suite", str(tiny_suite), "--device", "gpu"])
     assert rc == 2
