@@ -257,11 +257,9 @@ def train(config, out_dir, progress=True):
     mean_image_mse = float(((heldout_x - mean_image) ** 2).mean())
 
     net = build_autoencoder(config["seed"])
-    if device == "gpu":
-        net.moveTo("gpu")
-        data = gpuarray.to_gpu(train_x)
-    else:
-        data = train_x
+    # modules put new weights on the GPU whenever one is present: say where explicitly
+    net.moveTo(device)
+    data = gpuarray.to_gpu(train_x) if device == "gpu" else train_x
     cost = MSE()
     opt = Adam(alpha=config["learn_rate"]).setupOn(net)
     order_rng = np.random.default_rng(np.random.SeedSequence([config["seed"], 2]))
@@ -327,8 +325,7 @@ def evaluate(out_dir, device):
     _, heldout_x = _datasets(config)
     net = build_autoencoder(config["seed"])
     net.load(os.path.join(out_dir, "model.h5"))
-    if device == "gpu":
-        net.moveTo("gpu")
+    net.moveTo(device)
     return recorded, heldout_mse(net, heldout_x, device)
 
 
