@@ -1,7 +1,7 @@
 """Conversion between ndconv modules and PyTorch modules (torch is imported lazily).
 
-``from_torch(m)``: ``nn.Conv1d/2d/3d``, ``nn.ConvTranspose1d/2d/3d`` and
-``nn.Sequential`` of them (nested Sequentials become nested Sequentials) to
+``from_torch(m)``: ``nn.Conv1d/2d/3d``, ``nn.ConvTranspose1d/2d/3d``,
+``nn.ReLU``/``Sigmoid``/``Tanh`` and ``nn.Sequential`` of them (nested Sequentials become nested Sequentials) to
 ndconv layers; ``to_torch(m)`` the other way.  Weights are copied (never shared),
 dtypes kept (float16/32/64), bias ``(C,)`` <-> ``(1, C, 1, ...)``.
 
@@ -89,13 +89,24 @@ def from_torch(m, name=None):
     conv_types = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
     if type(m) in conv_types:
         return _conv_from_torch(m, name)
+    acts = _activation_pairs()
+    if type(m) in acts:
+        return acts[type(m)](name=name)
     if isinstance(m, nn.Sequential):
         seq = Sequential(name)
         for child_name, child in m.named_children():
             seq.append(from_torch(child, name=child_name))
         return seq
-    raise TypeError(f"from_torch converts Conv1d/2d/3d, ConvTranspose1d/2d/3d and nn.Sequential of them, "
+    raise TypeError(f"from_torch converts Conv1d/2d/3d, ConvTranspose1d/2d/3d, ReLU/Sigmoid/Tanh and "
+                    f"nn.Sequential of them, "
                     f"got {type(m).__module__}.{type(m).__name__}")
+
+
+def _activation_pairs():
+    """``{torch class: ndconv class}`` of the parameter-free activations."""
+    nn = _torch().nn
+    from .activations import ReLU, Sigmoid, Tanh
+    return {nn.ReLU: ReLU, nn.Sigmoid: Sigmoid, nn.Tanh: Tanh}
 
 
 def _torch_padding(mod):
@@ -137,8 +148,11 @@ def to_torch(mod):
             if mod.useBias:
                 t.bias.copy_(torch.from_numpy(np.array(gpuarray.to_host(mod.vars["b"].data)).reshape(-1)))
         return t
+    for tcls, ncls in _activation_pairs().items():
+        if type(mod) is ncls:
+            return tcls()
     if isinstance(mod, Sequential):
         from collections import OrderedDict
         return nn.Sequential(OrderedDict((name, to_torch(child)) for name, child in mod.children()))
-    raise TypeError(f"to_torch converts ConvND/DeconvND layers and Sequential of them, "
+    raise TypeError(f"to_torch converts ConvND/DeconvND layers, ReLU/Sigmoid/Tanh and Sequential of them, "
                     f"got {type(mod).__name__}")

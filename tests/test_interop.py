@@ -93,8 +93,8 @@ def test_dtypes_follow_torch():
 def test_refusals():
     with pytest.raises(TypeError, match="torch.nn.modules.linear.Linear"):
         from_torch(nn.Linear(2, 2))
-    with pytest.raises(TypeError, match=r"nn.Sequential of them, got .*ReLU"):
-        from_torch(nn.Sequential(nn.Conv2d(1, 1, 1), nn.ReLU()))
+    with pytest.raises(TypeError, match=r"nn.Sequential of them, got .*LeakyReLU"):
+        from_torch(nn.Sequential(nn.Conv2d(1, 1, 1), nn.LeakyReLU()))
     with pytest.raises(ValueError, match="asymmetric pad"):
         to_torch(Conv2D(1, 1, 3, pad=((0, 1), (1, 1))))
     with pytest.raises(ValueError, match="asymmetric pad"):
@@ -106,3 +106,16 @@ def test_refusals():
     # 'same'-shaped asymmetric pads do convert (stride 1).
     t = to_torch(Conv2D(1, 1, 4, pad=((1, 2), (1, 2))))
     assert t.padding == "same"
+
+
+def test_activations_convert_inside_sequentials():
+    torch.manual_seed(2)
+    tnet = nn.Sequential(nn.Conv1d(2, 4, 3, padding=1), nn.ReLU(), nn.Conv1d(4, 4, 1), nn.Tanh(),
+                         nn.ConvTranspose1d(4, 1, 2, stride=2), nn.Sigmoid())
+    net = from_torch(tnet)
+    assert [type(m).__name__ for m in net] == ["Conv1D", "ReLU", "Conv1D", "Tanh", "Deconv1D", "Sigmoid"]
+    x = torch.randn(3, 2, 7)
+    np.testing.assert_allclose(host(net(gpuarray.to_gpu(x.numpy()))), _np(tnet(x)), rtol=1e-5, atol=1e-6)
+    back = to_torch(net)
+    assert [type(m) for m in back] == [type(m) for m in tnet]
+    np.testing.assert_allclose(_np(back(x)), _np(tnet(x)), rtol=1e-5, atol=1e-6)
