@@ -108,7 +108,7 @@ def int_tuple(value, nd, name, minimum=None):
     return out
 
 
-def parse_padding(padding, nd, kernel, stride, dilation, x_size, transposed):
+def parse_padding(padding, nd, kernel, stride, dilation, x_size, transposed, channels_last=False):
     """Return ``(pad_lo, pad_hi, dilation)`` from any accepted padding form.
 
     Accepted: int; ``nd`` ints; ``nd`` ``(lo, hi)`` pairs; ``2*nd`` ints in Paddle's
@@ -152,14 +152,13 @@ def parse_padding(padding, nd, kernel, stride, dilation, x_size, transposed):
             lo, hi = tuple(items[0::2]), tuple(items[1::2])
         elif len(items) in (nd, nd + 2) and all(
                 isinstance(p, (tuple, list)) and len(p) == 2 and all(_is_int(v) for v in p) for p in items):
-            if len(items) == nd + 2:  # Paddle: zero pairs for N and C first or last
-                if tuple(items[0]) == (0, 0) and tuple(items[1]) == (0, 0):
-                    items = items[2:]
-                elif tuple(items[-1]) == (0, 0) and tuple(items[1]) == (0, 0):
-                    items = items[1:-1]
-                else:
+            if len(items) == nd + 2:
+                # Paddle: one pair per dim of the data, in its layout; N and C must be (0, 0)
+                nc = (0, -1) if channels_last else (0, 1)
+                if any(tuple(items[i]) != (0, 0) for i in nc):
                     raise ValueError(f"padding pairs for the batch and channel dims must be (0, 0), "
                                      f"got padding={padding}")
+                items = items[1:-1] if channels_last else items[2:]
             lo = tuple(int(p[0]) for p in items)
             hi = tuple(int(p[1]) for p in items)
         else:
@@ -238,7 +237,8 @@ def conv_geometry(input_shape, weight_shape, bias_shape=None, stride=1, padding=
                          f"input{list(input_shape)} to have {c_in_g * groups} channels, but got "
                          f"{c_in} channels instead")
     _check_bias(bias_shape, c_out)
-    lo, hi, dilation = parse_padding(padding, nd, kernel, stride, dilation, x_size, transposed=False)
+    lo, hi, dilation = parse_padding(padding, nd, kernel, stride, dilation, x_size, transposed=False,
+                                     channels_last=layout.channels_last)
     if padding_mode != "zeros":
         for size, a, b in zip(x_size, lo, hi):
             limit = size if padding_mode == "circular" else size - 1 if padding_mode == "reflect" else None
@@ -291,9 +291,11 @@ def conv_transpose_geometry(input_shape, weight_shape, bias_shape=None, stride=1
     _check_bias(bias_shape, c_out)
     if isinstance(padding, str) and padding == "SAME":
         # Paddle's transposed 'SAME': pads computed from the transposed input size.
-        lo, hi, dilation = parse_padding(padding, nd, kernel, stride, dilation, y_size, transposed=True)
+        lo, hi, dilation = parse_padding(padding, nd, kernel, stride, dilation, y_size, transposed=True,
+                                         channels_last=layout.channels_last)
     else:
-        lo, hi, dilation = parse_padding(padding, nd, kernel, stride, dilation, None, transposed=True)
+        lo, hi, dilation = parse_padding(padding, nd, kernel, stride, dilation, None, transposed=True,
+                                         channels_last=layout.channels_last)
     smallest, largest = transposed_size_range(y_size, kernel, stride, dilation, lo, hi)
     if output_size is not None:
         if any(output_padding):
