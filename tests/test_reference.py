@@ -124,3 +124,52 @@ def test_reference_adjoint_identities(nd):
         op = tuple(a - b for a, b in zip(c["x_size"], smallest))
         t = ref.conv_transpose(g, w, None, c["stride"], pad, op, c["groups"], c["dilation"])
         np.testing.assert_allclose(t, gx, rtol=1e-12, atol=1e-12)
+
+
+# ------------------------------------------------------------------ every algorithm of the engine
+
+def _engine_algorithms():
+    engine = ndconv.get_engine(np.empty(0))
+    return tuple(getattr(engine, "algorithms", ()))
+
+
+@pytest.mark.skipif(not _engine_algorithms(), reason="the engine has a single algorithm")
+@pytest.mark.parametrize("nd", [1, 2, 3])
+@pytest.mark.parametrize("seed", range(8))
+@pytest.mark.parametrize("depthwise", [False, True])
+def test_every_algorithm_matches_reference(nd, seed, depthwise):
+    """Each algorithm the engine may choose, forced on each primitive it supports (the
+    automatic choice only exercises one per geometry)."""
+    engine = ndconv.get_engine(np.empty(0))
+    rng = np.random.default_rng(3000 * nd + seed + 100 * depthwise)
+    c = ref.random_conv_case(rng, nd, modes=("zeros",))
+    c["batch"] = max(c["batch"], 1)
+    if seed % 2 == 0:   # stride 1 reaches the paths that need it (and the phase paths less waste)
+        c["stride"] = (1,) * nd
+    if depthwise:
+        c["c_in"] = c["groups"] = max(c["groups"], 2)
+        c["c_out"] = c["groups"] * int(rng.integers(1, 3))
+    x, w, _ = _conv_arrays(rng, c)
+    pad = ref.pairs(c["lo"], c["hi"])
+    geom, _ = ndconv.conv_geometry(x.shape, w.shape, None, c["stride"], pad, c["dilation"], c["groups"])
+    gy = rng.standard_normal(geom.y_shape)
+    expected = {
+        "forward": ref.conv(x, w, None, c["stride"], pad, c["dilation"], c["groups"]),
+        "backward_input": ref.conv_grad_input(gy, w, c["x_size"], c["stride"], pad, c["dilation"],
+                                              c["groups"]),
+        "backward_weight": ref.conv_grad_weight(x, gy, w.shape, c["stride"], pad, c["dilation"],
+                                                c["groups"]),
+    }
+    args = {"forward": (x, w), "backward_input": (gy, w), "backward_weight": (x, gy)}
+    for algorithm in engine.algorithms:
+        for op, want in expected.items():
+            if not engine.supports(algorithm, op, geom):
+                continue
+            for dtype, tol in ((np.float64, 1e-10), (np.float32, 1e-4)):
+                a, b = (v.astype(dtype) for v in args[op])
+                with engine.force(algorithm):
+                    got = getattr(engine, op)(a, b, geom)
+                assert got.dtype == dtype, (algorithm, op)
+                scale = max(1.0, float(np.abs(want).max())) if want.size else 1.0
+                np.testing.assert_allclose(got, want, rtol=tol, atol=tol * scale,
+                                           err_msg=f"{algorithm} {op} {dtype.__name__} {c}")
