@@ -304,11 +304,13 @@ class Backend:
         self.device = device
         self.dtype = dtype
         self.threads = threads
-        self.torch_dtype = getattr(torch, dtype)
+        self._saved_flags = None
         if device == "gpu":
             import cupy
             self.cupy = cupy
             self.torch_device = torch.device("cuda")
+            self._saved_flags = (torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32,
+                                 torch.backends.cudnn.allow_tf32)
             torch.backends.cudnn.benchmark = True
             # TF32 would round the inputs to 10 mantissa bits: not fp32 arithmetic.
             torch.backends.cuda.matmul.allow_tf32 = False
@@ -316,6 +318,13 @@ class Backend:
         else:
             self.cupy = None
             self.torch_device = torch.device("cpu")
+
+    def close(self):
+        """Put PyTorch's global GPU flags back as they were (for in-process callers)."""
+        if self._saved_flags is not None:
+            b = self.torch.backends
+            b.cudnn.benchmark, b.cuda.matmul.allow_tf32, b.cudnn.allow_tf32 = self._saved_flags
+            self._saved_flags = None
 
     def nd_array(self, a):
         return self.cupy.asarray(a) if self.cupy is not None else a
@@ -820,8 +829,15 @@ def run(args):
 
 
 def _bench(args, cases, repeat, warmup, threads):
+    backend = Backend(args.device, args.dtype, threads)
+    try:
+        return _bench_with(backend, args, cases, repeat, warmup, threads)
+    finally:
+        backend.close()
+
+
+def _bench_with(backend, args, cases, repeat, warmup, threads):
     device = args.device
-    backend = Backend(device, args.dtype, threads)
     versions = _versions(backend)
     print(f"ndconv bench: {device} ({backend.describe()}), {args.dtype}, {len(cases)} cases, "
           f"repeat {repeat}, warm-up {warmup}", file=sys.stderr)
@@ -862,8 +878,9 @@ def _bench(args, cases, repeat, warmup, threads):
     if busy:
         print(f"# {busy}")
     print(f"# versions: ndconv {versions['ndconv_version']}, numpy {versions['numpy_version']}, "
-          f"torch {versions['torch_version']}" + (f", cupy {versions['cupy_version']}"
-                                                  if "cupy_version" in versions else ""))
+          f"torch {versions['torch_version']}"
+          + (f", cupy {versions['cupy_version']}, CUDA {versions['cuda_version']}, "
+             f"cuDNN {versions['cudnn_version']}" if "cupy_version" in versions else ""))
     print(f"# ceilings measured in this run: {ceiling_text}"
           + (" (median of samples before and after every case)" if device == "cpu" else ""))
     print()
@@ -912,6 +929,8 @@ def _versions(backend):
            "torch_version": backend.torch.__version__}
     if backend.cupy is not None:
         out["cupy_version"] = backend.cupy.__version__
+        out["cuda_version"] = backend.torch.version.cuda
+        out["cudnn_version"] = backend.torch.backends.cudnn.version()
     return out
 
 

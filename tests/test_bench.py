@@ -17,8 +17,6 @@ import pytest
 import ndconv
 from ndconv import bench, cli
 
-pytestmark = pytest.mark.requires_torch
-
 REQUIRED_FIELDS = ("case", "op", "ndconv_ms", "torch_ms", "ratio", "gflops", "peak_temp_bytes")
 
 TINY_SUITE = {
@@ -236,6 +234,7 @@ def test_select_cases(tiny_suite):
 
 # ------------------------------------------------------------------ end to end
 
+@pytest.mark.requires_torch
 def test_end_to_end_json_plot_and_table(tiny_suite, tmp_path, capsys, fast_ceiling, torch):
     out_json, out_png = tmp_path / "b.json", tmp_path / "b.png"
     threads_before = torch.get_num_threads()
@@ -276,6 +275,7 @@ def test_end_to_end_json_plot_and_table(tiny_suite, tmp_path, capsys, fast_ceili
     assert f"{gm:.3f}" in out.splitlines()[-1]
 
 
+@pytest.mark.requires_torch
 def test_cases_option_and_module_entry_point(tiny_suite, tmp_path, capsys, fast_ceiling):
     out_json = tmp_path / "one.json"
     rc = bench.main(["--suite", str(tiny_suite), "--cases", "tiny_deconv", "--repeat", "1",
@@ -294,6 +294,7 @@ def test_python_dash_m_help():
         assert opt in proc.stdout
 
 
+@pytest.mark.requires_torch
 def test_disagreement_fails_the_row_and_the_exit_status(tiny_suite, tmp_path, capsys, monkeypatch,
                                                         fast_ceiling):
     real = ndconv.conv_nd
@@ -317,6 +318,7 @@ def test_disagreement_fails_the_row_and_the_exit_status(tiny_suite, tmp_path, ca
     assert "over 2 rows" in captured.out    # the geometric mean skips the failed row
 
 
+@pytest.mark.requires_torch
 def test_exception_in_a_row_is_reported_not_raised(tiny_suite, capsys, monkeypatch, fast_ceiling):
     def broken(*args, **kwargs):
         raise RuntimeError("engine exploded")
