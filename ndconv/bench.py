@@ -719,12 +719,17 @@ def write_plot(records, path, title=""):
                 ys.append(r["ratio"])
         ratios += ys
         if xs:
-            ax.bar(xs, ys, width, label=op, color=colors[op])
+            # bars grow from 1.0: up where ndconv is slower, down where it is faster
+            ax.bar(xs, [y - 1.0 for y in ys], width, bottom=1.0, label=op, color=colors[op])
     ax.set_yscale("log")
     ax.axhline(1.0, color="black", linewidth=1)
-    if ratios:
-        lo, hi = min(ratios + [1.0]), max(ratios + [1.0])
-        ax.set_ylim(lo / 1.5, hi * 1.5)
+    lo, hi = min(ratios + [1.0]) / 1.5, max(ratios + [1.0]) * 1.5
+    ax.set_ylim(lo, hi)
+    ticks = [t for t in (0.01, 0.02, 0.05, 0.1, 0.2, 1 / 3, 0.5, 1, 1.25, 2, 3, 5, 10, 20, 50, 100)
+             if lo <= t <= hi]
+    ax.set_yticks(ticks)
+    ax.set_yticklabels([f"{t:.3g}x" for t in ticks])
+    ax.minorticks_off()
     ax.set_xticks(range(len(cases)))
     ax.set_xticklabels(cases, rotation=45, ha="right")
     ax.set_ylabel("time ratio ndconv / PyTorch (lower is better)")
