@@ -155,3 +155,18 @@ def test_default_data_reaches_the_quality_bar_in_half_the_epochs(tmp_path, capsy
     assert m["config"]["samples"] == 4096 and m["config"]["heldout"] == 512
     assert m["heldout_mse"] <= 0.25 * m["mean_image_mse"], m
     assert "held-out MSE" in capsys.readouterr().out
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not gpuarray.gpu_available(), reason="needs CuPy and an NVIDIA GPU")
+def test_gpu_run_is_deterministic_and_evaluates_on_both_devices(tmp_path, capsys):
+    outs = [str(tmp_path / k) for k in ("g1", "g2")]
+    for out in outs:
+        assert demo(*SHORT, "--device", "gpu", "--seed", "3", "--out", out) == 0
+    m1, m2 = (read_metrics(o) for o in outs)
+    assert m1["config"]["device"] == "gpu"
+    del m1["seconds"], m2["seconds"]
+    assert m1 == m2
+    assert m1["train_loss"][1] < m1["train_loss"][0] and m1["heldout_mse"] < m1["train_loss"][0]
+    assert demo("--evaluate", "--device", "gpu", "--out", outs[0]) == 0
+    assert demo("--evaluate", "--device", "cpu", "--out", outs[0]) == 0   # float rounding only

@@ -333,7 +333,7 @@ def _tiny_net(seed):
     net.append(Tanh(name="act"))
     net.append(Deconv2D(4, 1, 4, stride=2, pad=1, name="dec", rng=rng))
     net.append(Sigmoid(name="out"))
-    return net
+    return net.moveTo("cpu")        # new weights land on the GPU when one is present
 
 
 @pytest.mark.parametrize("make_opt", [lambda: Adam(alpha=0.02), lambda: SGD(learnRate=2.0, momRate=0.9)],
