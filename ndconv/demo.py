@@ -366,6 +366,10 @@ def run(args):
     config = dict(seed=args.seed, epochs=args.epochs, samples=args.samples, heldout=args.heldout,
                   image_size=DEFAULTS["image_size"], batch_size=args.batch_size,
                   learn_rate=args.learn_rate, device=args.device)
+    try:   # make the folder first: an unwritable --out should fail before training, not after
+        os.makedirs(args.out, exist_ok=True)
+    except OSError as exc:
+        return _fail(f"cannot create --out {args.out!r}: {exc.strerror or exc}")
     metrics = train(config, args.out, progress=not args.no_progress)
     ratio = metrics["heldout_mse"] / metrics["mean_image_mse"]
     print(f"trained {args.epochs} epochs on {args.samples} images in {metrics['seconds']:.1f} s ({args.device})")

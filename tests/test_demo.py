@@ -144,6 +144,8 @@ def test_out_must_be_a_folder(tmp_path, capsys):
     f.write_text("x")
     assert demo(*SHORT, "--out", str(f)) == 2
     assert "not a folder" in capsys.readouterr().err
+    assert demo(*SHORT, "--out", str(f / "sub")) == 2      # cannot be created: fails before training
+    assert "cannot create --out" in capsys.readouterr().err
 
 
 def test_default_data_reaches_the_quality_bar_in_half_the_epochs(tmp_path, capsys):
