@@ -793,12 +793,17 @@ def add_arguments(parser):
     parser.add_argument("--warmup", type=_non_negative_int, default=None, metavar="N",
                         help="untimed rounds before timing, after the agreement check "
                              f"(default: {DEFAULT_WARMUP['cpu']} on cpu, {DEFAULT_WARMUP['gpu']} on gpu)")
-    parser.add_argument("--dtype", choices=DTYPES, default="float32", help="(default: float32)")
+    parser.add_argument("--dtype", choices=DTYPES, default="float32",
+                        help="arrays of both libraries (default: float32)")
     parser.add_argument("--json", metavar="PATH", default=None,
                         help="write a JSON list with one record per case and operation")
     parser.add_argument("--plot", metavar="PATH", default=None, help="write a PNG bar chart of the ratios")
     parser.add_argument("--threads", type=_positive_int, default=None, metavar="N",
                         help="CPU threads for PyTorch, NumPy's BLAS and numba (default: os.cpu_count())")
+    parser.epilog = ("Every row is checked (ndconv and PyTorch must agree) before it is timed; ndconv "
+                     "and PyTorch calls alternate and the median of each is reported. Exit status: 0 "
+                     "when all rows ran and agreed, 1 when a row disagreed or raised, 2 for a bad "
+                     "command line or suite file.")
     return parser
 
 
