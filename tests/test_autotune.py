@@ -1,0 +1,217 @@
+"""The engine-agnostic autotuner: fake candidates with known timings, the cache file
+(round trip, corrupt, foreign version, unwritable), concurrent writers.  No GPU needed."""
+import json
+import multiprocessing
+import os
+import threading
+import warnings
+
+import pytest
+
+from ndconv.engine import autotune
+from ndconv.engine.autotune import AutotuneCacheWarning, Autotuner, call_key, context_string
+from ndconv.geometry import conv_geometry
+
+CTX = {"device": "fake GPU", "versions": {"ndconv": "0", "lib": "1.2"}}
+
+
+def fake_timer(fn, repeat):
+    """Candidates return their own 'time' (ms), so the race is known in advance."""
+    return fn()
+
+
+def counted(ms, calls, name):
+    def fn():
+        calls.append(name)
+        return ms
+    return fn
+
+
+def tuner(tmp_path, **kw):
+    return Autotuner(path=tmp_path / "cache.json", timer=fake_timer, **kw)
+
+
+def test_cache_dir_precedence(monkeypatch, tmp_path):
+    monkeypatch.setenv("NDCONV_CACHE_DIR", str(tmp_path / "explicit"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert autotune.cache_dir() == str(tmp_path / "explicit")
+    monkeypatch.delenv("NDCONV_CACHE_DIR")
+    assert autotune.cache_dir() == str(tmp_path / "xdg" / "ndconv")
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert autotune.cache_dir() == str(tmp_path / "home" / ".cache" / "ndconv")
+    monkeypatch.setenv("NDCONV_CACHE_DIR", str(tmp_path / "late"))
+    assert Autotuner().path == str(tmp_path / "late" / "autotune.json")   # resolved at use
+
+
+def test_fastest_wins_and_is_remembered(tmp_path):
+    t = tuner(tmp_path)
+    calls = []
+    cands = {"slow": counted(3.0, calls, "slow"), "fast": counted(1.0, calls, "fast"),
+             "mid": counted(2.0, calls, "mid")}
+    choice = t.tune(CTX, "k1", cands)
+    assert choice.algorithm == "fast" and not choice.cached
+    assert choice.ms == {"slow": 3.0, "fast": 1.0, "mid": 2.0}
+    assert calls == ["slow", "fast", "mid"] and t.timings_run == 3
+    again = t.tune(CTX, "k1", cands)
+    assert again.algorithm == "fast" and again.cached and calls == ["slow", "fast", "mid"]
+    assert t.lookup(CTX, "k1") == "fast" and t.lookup(CTX, "k2") is None
+    # another context (other device or versions) does not see the choice
+    assert t.lookup(dict(CTX, device="other"), "k1") is None
+
+
+def test_ties_go_to_the_earlier_candidate_and_failures_are_skipped(tmp_path):
+    t = tuner(tmp_path)
+
+    def boom():
+        raise MemoryError("out of device memory")
+    assert t.tune(CTX, "tie", {"a": lambda: 1.0, "b": lambda: 1.0}).algorithm == "a"
+    choice = t.tune(CTX, "fail", {"bad": boom, "ok": lambda: 5.0})
+    assert choice.algorithm == "ok" and choice.ms == {"ok": 5.0}
+    with pytest.raises(MemoryError, match="out of device memory"):
+        t.tune(CTX, "allfail", {"bad": boom})
+    assert t.lookup(CTX, "allfail") is None
+    with pytest.raises(ValueError, match="candidates"):
+        t.tune(CTX, "none", {})
+
+
+def test_remembered_choice_no_longer_offered_is_retuned(tmp_path):
+    t = tuner(tmp_path)
+    t.tune(CTX, "k", {"gone": lambda: 1.0, "b": lambda: 2.0})
+    choice = t.tune(CTX, "k", {"b": lambda: 2.0, "c": lambda: 1.5})
+    assert choice.algorithm == "c" and not choice.cached
+
+
+def test_file_round_trip(tmp_path):
+    t = tuner(tmp_path)
+    t.tune(CTX, "k1", {"a": lambda: 2.0, "b": lambda: 1.0})
+    t.record(CTX, "k2", "a", {"a": 0.5})
+    data = json.loads((tmp_path / "cache.json").read_text())
+    assert data["format"] == autotune.FORMAT_VERSION
+    assert data["contexts"][context_string(CTX)]["k1"] == {"algorithm": "b", "ms": {"a": 2.0, "b": 1.0}}
+    fresh = tuner(tmp_path)                                   # a new process, in effect
+    calls = []
+    assert fresh.tune(CTX, "k1", {"a": counted(2.0, calls, "a"), "b": counted(1.0, calls, "b")}).cached
+    assert calls == [] and fresh.timings_run == 0
+    assert fresh.entries(CTX) == {"k1": "b", "k2": "a"}
+    assert not list(tmp_path.glob("*.tmp"))                   # no temporary left behind
+
+
+def test_persist_false_never_touches_disk(tmp_path):
+    t = tuner(tmp_path, persist=False)
+    t.tune(CTX, "k", {"a": lambda: 1.0})
+    assert not (tmp_path / "cache.json").exists()
+    assert t.lookup(CTX, "k") == "a"
+
+
+@pytest.mark.parametrize("content", ["{not json", "", "[1, 2]", '{"format": 1, "contexts": 7}',
+                                     '\x00\x01binary'])
+def test_corrupt_file_is_ignored_with_a_warning_and_rewritten(tmp_path, content):
+    (tmp_path / "cache.json").write_text(content)
+    t = tuner(tmp_path)
+    with pytest.warns(AutotuneCacheWarning, match="ignoring it"):
+        assert t.lookup(CTX, "k") is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                        # one warning per problem, not per call
+        assert t.tune(CTX, "k", {"a": lambda: 1.0}).algorithm == "a"
+    data = json.loads((tmp_path / "cache.json").read_text())
+    assert data["format"] == autotune.FORMAT_VERSION
+    assert data["contexts"][context_string(CTX)]["k"]["algorithm"] == "a"
+
+
+def test_foreign_format_version_is_ignored_and_rewritten(tmp_path):
+    foreign = {"format": autotune.FORMAT_VERSION + 1,
+               "contexts": {context_string(CTX): {"k": {"algorithm": "from_the_future", "ms": {}}}}}
+    (tmp_path / "cache.json").write_text(json.dumps(foreign))
+    t = tuner(tmp_path)
+    with pytest.warns(AutotuneCacheWarning, match="format 2"):
+        assert t.lookup(CTX, "k") is None
+    t.record(CTX, "k", "now")
+    assert json.loads((tmp_path / "cache.json").read_text())["format"] == autotune.FORMAT_VERSION
+    assert tuner(tmp_path).lookup(CTX, "k") == "now"
+
+
+def test_bad_entries_are_dropped_good_ones_kept(tmp_path):
+    ctx = context_string(CTX)
+    data = {"format": autotune.FORMAT_VERSION,
+            "contexts": {ctx: {"good": {"algorithm": "a", "ms": {"a": 1}}, "bad": {"ms": {}}, "worse": 3},
+                         "junk": []}}
+    (tmp_path / "cache.json").write_text(json.dumps(data))
+    assert tuner(tmp_path).entries(CTX) == {"good": "a"}
+
+
+def test_unwritable_directory_warns_and_keeps_memory(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")                                   # a file where the directory should be
+    t = Autotuner(path=blocker / "sub" / "cache.json", timer=fake_timer)
+    with pytest.warns(AutotuneCacheWarning, match="cannot be written"):
+        assert t.tune(CTX, "k", {"a": lambda: 1.0}).algorithm == "a"
+    assert t.lookup(CTX, "k") == "a"
+
+
+def test_call_key_names_every_field():
+    g1 = conv_geometry((2, 4, 8, 8), (4, 1, 3, 3), groups=4)[0]
+    g2 = conv_geometry((2, 4, 8, 8), (4, 1, 3, 3), groups=4, padding=1)[0]
+    keys = {call_key("forward", g1, "float32"), call_key("forward", g2, "float32"),
+            call_key("backward_input", g1, "float32"), call_key("forward", g1, "float16"),
+            call_key("forward", g1, "float32", layout="channels_last"),
+            call_key("forward", g1, "float32", deterministic=False)}
+    assert len(keys) == 6
+    assert call_key("forward", g1, "float32") == call_key("forward", g1, "float32")
+    json.loads(call_key("forward", g1, "float32"))
+
+
+def test_argument_errors(tmp_path):
+    with pytest.raises(ValueError, match="repeat"):
+        Autotuner(repeat=0)
+    with pytest.raises(TypeError, match="timer"):
+        Autotuner(timer=3)
+    with pytest.raises(TypeError, match="context"):
+        tuner(tmp_path).lookup("device", "k")
+    with pytest.raises(ValueError, match="algorithm"):
+        tuner(tmp_path).record(CTX, "k", "")
+
+
+def test_perf_counter_timer_counts_calls():
+    calls = []
+    t = autotune.perf_counter_timer(lambda: calls.append(1), 4)
+    assert len(calls) == 5 and t >= 0.0
+
+
+def test_concurrent_thread_writers_lose_nothing(tmp_path):
+    errors = []
+
+    def worker(i):
+        try:
+            t = tuner(tmp_path)                               # each thread its own tuner
+            for j in range(10):
+                t.tune(CTX, f"t{i}-{j}", {"a": lambda: 2.0, "b": lambda: 1.0})
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert not errors
+    entries = tuner(tmp_path).entries(CTX)
+    assert len(entries) == 80 and set(entries.values()) == {"b"}
+
+
+def _process_writer(path, i):
+    t = Autotuner(path=path, timer=fake_timer)
+    for j in range(10):
+        t.record(CTX, f"p{i}-{j}", f"alg{i}")
+
+
+def test_concurrent_process_writers_lose_nothing(tmp_path):
+    path = str(tmp_path / "cache.json")
+    ctx = multiprocessing.get_context("spawn" if os.name == "nt" else "fork")
+    procs = [ctx.Process(target=_process_writer, args=(path, i)) for i in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    assert all(p.exitcode == 0 for p in procs)
+    entries = Autotuner(path=path).entries(CTX)
+    assert entries == {f"p{i}-{j}": f"alg{i}" for i in range(4) for j in range(10)}
