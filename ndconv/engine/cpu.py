@@ -61,25 +61,32 @@ class CPUEngine:
 
     # ------------------------------------------------------------ choosing an algorithm
 
-    def supports(self, algorithm, op, g):
+    def supports(self, algorithm, op, g, itemsize=4):
+        """Whether ``algorithm`` computes ``op`` for ``g`` within the workspace limit.
+
+        flat and depthwise split only the batch, so one sample's temporaries must fit;
+        im2col also splits rows and always fits.
+        """
+        one = self._sample_bytes(g, itemsize) <= self.workspace_limit
         if algorithm == "depthwise":
-            return dw.AVAILABLE and g.x_channels == g.groups and g.groups > 1
+            return dw.AVAILABLE and g.x_channels == g.groups and g.groups > 1 and one
         if algorithm == "flat":
             if op == "backward_input" and _unit_stride(g):
                 # the flipped kernel needs non-negative complementary padding
-                return all(lo <= d * (k - 1) for lo, d, k in zip(g.pad_lo, g.dilation, g.kernel))
-            return _phase_waste(g) <= self.max_phase_waste
+                if any(lo > d * (k - 1) for lo, d, k in zip(g.pad_lo, g.dilation, g.kernel)):
+                    return False
+            return _phase_waste(g) <= self.max_phase_waste and one
         return algorithm == "im2col"
 
     def choose(self, op, g, dtype):
         if self._forced is not None:
-            if not self.supports(self._forced, op, g):
+            if not self.supports(self._forced, op, g, np.dtype(dtype).itemsize):
                 raise ValueError(f"algorithm {self._forced!r} does not support {op} for {g}")
             return self._forced
         key = (op, g, np.dtype(dtype).str)
         if key in self._tuned:
             return self._tuned[key]
-        return next(a for a in self.algorithms if self.supports(a, op, g))
+        return next(a for a in self.algorithms if self.supports(a, op, g, np.dtype(dtype).itemsize))
 
     @contextmanager
     def force(self, algorithm):
@@ -104,7 +111,7 @@ class CPUEngine:
         for op in OPS:
             best = None
             for algorithm in self.algorithms:
-                if not self.supports(algorithm, op, g):
+                if not self.supports(algorithm, op, g, dtype.itemsize):
                     continue
                 with self.force(algorithm):
                     times = []
@@ -129,7 +136,7 @@ class CPUEngine:
             y = self._forward_depthwise(x, w, g, dt)
         elif algorithm == "flat":
             y = np.empty(g.y_shape, dtype=dt)
-            for n0, n1 in self._batches(g, dt, _phase_waste(g)):
+            for n0, n1 in self._batches(g, dt):
                 xs, ws, gs = _to_unit_stride(x[n0:n1], w, g.with_batch(n1 - n0), dt)
                 self._forward_flat(xs, ws, gs, dt, y[n0:n1])
         else:
@@ -157,7 +164,7 @@ class CPUEngine:
             # Each output phase r of x is a stride-1 "full" convolution of gy with the
             # taps k*d = q*s + r; all phases come out of one GEMM, then interleave.
             wp, gp, q = _phase_weight_transposed(w, g, dt)
-            for n0, n1 in self._batches(g, dt, _phase_waste(g)):
+            for n0, n1 in self._batches(g, dt):
                 nb = n1 - n0
                 phases = np.empty((nb, gp.y_channels) + gp.y_size, dtype=dt)
                 self._forward_flat(gy[n0:n1], wp, gp.with_batch(nb), dt, phases)
@@ -177,7 +184,7 @@ class CPUEngine:
             gw = self._backward_weight_depthwise(x, gy, g, dt)
         elif algorithm == "flat":
             gw = None
-            for n0, n1 in self._batches(g, dt, _phase_waste(g)):
+            for n0, n1 in self._batches(g, dt):
                 xs, _, gs = _to_unit_stride(x[n0:n1], None, g.with_batch(n1 - n0), dt)
                 part = self._backward_weight_flat(xs, gy[n0:n1], gs, dt)
                 gw = part if gw is None else gw + part
@@ -414,10 +421,16 @@ class CPUEngine:
         _copy_unpadded(x[n0:n1], buf, g.pad_lo, a * g.stride[0])
         return buf
 
-    def _batches(self, g, dt, waste=1.0):
+    def _sample_bytes(self, g, itemsize):
+        """A bound on one sample's temporaries in the flat and depthwise paths."""
+        _, length, block = self._flat_layout(g, np.dtype(f"f{itemsize}"))
+        return math.ceil(itemsize * (2 * _phase_waste(g) * g.x_channels * math.prod(need_extent(g))
+                                     + 2 * g.y_channels * (math.prod(g.y_size) + length)
+                                     + g.x_channels * g.taps * block))
+
+    def _batches(self, g, dt):
         """Batch slices whose whole-sample temporaries fit the workspace limit."""
-        per_sample = dt.itemsize * waste * (2 * g.x_channels * math.prod(need_extent(g))
-                                            + 2 * g.y_channels * math.prod(g.y_size))
+        per_sample = self._sample_bytes(g, dt.itemsize)
         nb = int(max(1, min(g.batch, self.workspace_limit // max(per_sample, 1))))
         return [(n0, min(g.batch, n0 + nb)) for n0 in range(0, g.batch, nb)]
 
