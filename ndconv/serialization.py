@@ -72,6 +72,9 @@ def save_params(module, path):
                 group.create_dataset(name, data=a)
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)   # mkstemp makes 0600; a saved model reads like any file
         os.replace(tmp, path)
     except BaseException:
         try:
