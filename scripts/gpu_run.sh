@@ -10,10 +10,17 @@ mkdir -p "$OUT"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 # Keep run-time compiled kernels out of the (read-only or absent) home cache.
 export CUPY_CACHE_DIR=${CUPY_CACHE_DIR:-/tmp/cupy-kernel-cache}
+# The autotuner's choices too (the bench may read them; tests use private files).
+export NDCONV_CACHE_DIR=${NDCONV_CACHE_DIR:-/tmp/ndconv-cache}
 
 python3 - <<'PY' 2>&1 | tee "$OUT/versions.txt"
 import sys, numpy
 print("python", sys.version.split()[0], "numpy", numpy.__version__)
+try:
+    from ndconv.engine import cudnn
+    print("cudnn", cudnn.version(), cudnn.load_error() or "")
+except Exception as e:
+    print("cudnn check failed:", e)
 try:
     import cupy
     print("cupy", cupy.__version__, "devices", cupy.cuda.runtime.getDeviceCount(),
@@ -29,7 +36,7 @@ PY
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null | tee -a "$OUT/versions.txt"
 
 status=0
-python3 -m pytest -q -p no:cacheprovider -rs tests/test_gpu*.py -x "$@" 2>&1 | tee "$OUT/gpu-tests.log" || status=$?
+python3 -m pytest -q -p no:cacheprovider -rs tests/test_gpu*.py tests/test_autotune.py "$@" 2>&1 | tee "$OUT/gpu-tests.log" || status=$?
 
 if [ "${GPU_RUN_BENCH:-1}" != 0 ] && [ -f ndconv/bench.py ]; then
     python3 -m ndconv.bench --device gpu --repeat 10 --json "$OUT/bench-gpu.json" 2>&1 | tee "$OUT/bench-gpu.log"

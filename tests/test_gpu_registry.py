@@ -56,3 +56,15 @@ def test_importing_ndconv_does_not_import_cupy():
             "import ndconv.engine.registry; print('cupy' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_cudnn_module_without_a_gpu():
+    """Importable anywhere; NDCONV_DISABLE_CUDNN turns it off; padding rule is pure Python."""
+    code = ("import numpy as np; from ndconv.engine import cudnn; from ndconv.geometry import conv_geometry; "
+            "g = conv_geometry((1, 1, 9, 9), (1, 1, 3, 3), padding=1)[0]; "
+            "print(cudnn.available(), cudnn.load_error(), cudnn.Cudnn().supports('forward', g, np.float32), "
+            "cudnn.symmetric_padding(g))")
+    import os
+    env = dict(os.environ, NDCONV_DISABLE_CUDNN="1")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
+    assert out.stdout.strip() == "False disabled by NDCONV_DISABLE_CUDNN False (1, 1)"

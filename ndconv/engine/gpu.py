@@ -26,8 +26,10 @@ import math
 import cupy as cp
 import numpy as np
 
-from . import gpu_kernels
-from .registry import OPS, Algorithm, Registry, check_op
+from . import autotune, gpu_kernels
+from .cudnn import Cudnn
+from .cudnn import version as cudnn_version
+from .registry import OPS, Algorithm, NotApplicable, Registry, check_op
 
 DEFAULT_WORKSPACE = 1 << 30
 _THREADS = 256
@@ -231,30 +233,103 @@ class DepthwiseDirect(Algorithm):
         return gw
 
 
+# Priority order = the heuristic for calls nobody tuned: the direct depthwise kernels
+# where they apply, then cuDNN where it is installed, then the generic paths.
 ALGORITHMS = Registry()
+ALGORITHMS.register(Cudnn())
 ALGORITHMS.register(DepthwiseDirect())
 ALGORITHMS.register(Im2colGemm())
+
+_default_tuner = None
+
+
+def default_tuner():
+    """The autotuner every GPUEngine shares unless given its own (cache in cache_dir())."""
+    global _default_tuner
+    if _default_tuner is None:
+        _default_tuner = autotune.Autotuner(timer=cuda_timer)
+    return _default_tuner
+
+
+def cuda_timer(fn, repeat):
+    """Median milliseconds of ``fn()`` on the current stream (CUDA events), after a warm-up."""
+    fn()                                         # compilation, allocator, cuDNN's own search
+    start, stop = cp.cuda.Event(), cp.cuda.Event()
+    times = []
+    for _ in range(max(1, int(repeat))):
+        start.record()
+        fn()
+        stop.record()
+        stop.synchronize()
+        times.append(cp.cuda.get_elapsed_time(start, stop))
+    return sorted(times)[len(times) // 2]
+
+
+_contexts = {}
+
+
+def device_context(device_id):
+    """What makes a timing on this device valid elsewhere: device, libraries, versions."""
+    ctx = _contexts.get(device_id)
+    if ctx is None:
+        from .. import __version__
+        props = cp.cuda.runtime.getDeviceProperties(device_id)
+        name = props["name"]
+        ctx = _contexts[device_id] = {
+            "engine": "gpu", "device": name.decode() if isinstance(name, bytes) else str(name),
+            "cc": f"{props['major']}.{props['minor']}", "ndconv": __version__, "cupy": cp.__version__,
+            "cuda_runtime": cp.cuda.runtime.runtimeGetVersion(), "cudnn": cudnn_version(),
+            "algorithms": list(ALGORITHMS.names())}
+    return ctx
 
 
 # ------------------------------------------------------------------ the engine
 
 class GPUEngine:
-    """CuPy engine.  ``algorithm`` forces one algorithm for every op (tests, benchmarks)."""
+    """CuPy engine.
+
+    ``algorithm`` forces one algorithm for every op (tests, benchmarks).  Calls nobody
+    tuned use the choice an earlier :meth:`optimize` left in the autotune cache (this
+    process or an earlier one on the same device and library versions), else the
+    registry's priority order.  ``autotune=True`` (or ``NDCONV_AUTOTUNE=1``) tunes each
+    new (op, geometry, dtype) on its first call instead.  ``tuner`` is the
+    :class:`~ndconv.engine.autotune.Autotuner` holding the choices (default: one shared
+    tuner whose file lives in the user's cache directory).
+    """
 
     name = "gpu"
 
-    def __init__(self, workspace_limit=DEFAULT_WORKSPACE, algorithm=None, deterministic=True):
+    def __init__(self, workspace_limit=DEFAULT_WORKSPACE, algorithm=None, deterministic=True,
+                 autotune=None, tuner=None):
         self.workspace_limit = workspace_limit
         self.peak_temp_bytes = 0
         self.deterministic = bool(deterministic)
         self.algorithms = ALGORITHMS
+        if autotune is None:
+            import os
+            autotune = os.environ.get("NDCONV_AUTOTUNE", "") not in ("", "0")
+        self.autotune = bool(autotune)
+        self._tuner = tuner
         self._forced = {}
+        #: (op, geometry, dtype name) -> algorithm name: tuned here or found in the cache
         self._tuned = {}
+        self._untuned = {}
         #: op -> name of the algorithm that ran the last call of that op
         self.last_algorithm = {}
         if algorithm is not None:
             self.algorithms.get(algorithm)
             self._forced = {op: algorithm for op in OPS}
+
+    @property
+    def tuner(self):
+        return self._tuner if self._tuner is not None else default_tuner()
+
+    @tuner.setter
+    def tuner(self, value):
+        if value is not None and not isinstance(value, autotune.Autotuner):
+            raise TypeError(f"tuner must be an ndconv.engine.autotune.Autotuner or None, got tuner={value!r}")
+        self._tuner = value
+        self._untuned.clear()
 
     @property
     def workspace_limit(self):
@@ -265,6 +340,8 @@ class GPUEngine:
         if not isinstance(nbytes, (int, np.integer)) or isinstance(nbytes, bool) or nbytes <= 0:
             raise ValueError(f"workspace_limit must be a positive int of bytes, got workspace_limit={nbytes!r}")
         self._workspace_limit = int(nbytes)
+        if hasattr(self, "_untuned"):
+            self._untuned.clear()
 
     # ------------------------------------------------------------ the three primitives
 
@@ -305,14 +382,29 @@ class GPUEngine:
                 raise ValueError(f"algorithm {forced!r} does not support {op} for this geometry "
                                  f"(x {g.x_shape}, weight {g.w_shape}, groups {g.groups}, {dtype})")
             return alg
-        tuned = self._tuned.get((op, g, dtype.name))
+        key = (op, g, dtype.name)
+        tuned = self._tuned.get(key)
         if tuned is not None:
             return self.algorithms.get(tuned)
-        found = self.algorithms.candidates(op, g, dtype, self.deterministic)
-        if not found:
+        found = self._untuned.get(key)
+        if found is not None:
+            return found
+        candidates = self.algorithms.candidates(op, g, dtype, self.deterministic)
+        if not candidates:
             raise ValueError(f"no GPU algorithm supports {op} for x {g.x_shape}, weight {g.w_shape}, "
                              f"{dtype}")
-        return found[0]
+        # A choice an earlier optimize() stored (maybe in another process) beats the heuristic.
+        remembered = self._cached_choice(op, g, dtype, candidates)
+        if remembered is not None:
+            self._tuned[key] = remembered.name
+            return remembered
+        if self.autotune and len(candidates) > 1 and not self._forced:
+            self.optimize(g, dtype, ops=(op,))
+            return self.algorithms.get(self._tuned[key])
+        if len(self._untuned) > 4096:
+            self._untuned.clear()
+        self._untuned[key] = candidates[0]
+        return candidates[0]
 
     @contextlib.contextmanager
     def force(self, op, name):
@@ -329,7 +421,9 @@ class GPUEngine:
     def optimize(self, geometry, dtype, ops=OPS, repeat=3):
         """Time the applicable algorithms once for this geometry and remember the fastest.
 
-        Returns ``{op: name}``.  A forced algorithm still wins over this choice.
+        The choice goes to this engine and to its autotuner (memory and the cache file),
+        so later calls, and later processes on the same device and versions, use it
+        without timing again.  Returns ``{op: name}``.  A forced algorithm still wins.
         """
         g = geometry if geometry.padding_mode == "zeros" else geometry.with_zero_padding()
         dtype = np.dtype(dtype)
@@ -339,6 +433,7 @@ class GPUEngine:
             ops = (ops,)
         for op in ops:
             check_op(op)
+        tuner, context = self._tuner_context()
         choice = {}
         arrays = None
         for op in ops:
@@ -357,32 +452,47 @@ class GPUEngine:
                           for name, shape in (("x", g.x_shape), ("w", g.w_shape), ("y", g.y_shape))}
             a, b = {"forward": ("x", "w"), "backward_input": ("y", "w"),
                     "backward_weight": ("x", "y")}[op]
-            best = None
-            for alg in found:
-                ms = self._time(alg, op, arrays[a], arrays[b], g, repeat)
-                if best is None or ms < best[0]:
-                    best = (ms, alg.name)
-            self._tuned[key] = choice[op] = best[1]
+            cands = {alg.name: (lambda alg=alg: alg.run(self, op, arrays[a], arrays[b], g)) for alg in found}
+            best = tuner.tune(context, self._call_key(op, g, dtype), cands, timer=cuda_timer,
+                              repeat=repeat)
+            self._tuned[key] = choice[op] = best.algorithm
+            self._untuned.pop(key, None)
         return choice
 
-    def _time(self, alg, op, a, b, g, repeat):
-        alg.run(self, op, a, b, g)                   # warm-up: compilation, allocator
-        start, stop = cp.cuda.Event(), cp.cuda.Event()
-        times = []
-        for _ in range(max(1, repeat)):
-            start.record()
-            alg.run(self, op, a, b, g)
-            stop.record()
-            stop.synchronize()
-            times.append(cp.cuda.get_elapsed_time(start, stop))
-        return sorted(times)[len(times) // 2]
+    def _call_key(self, op, g, dtype):
+        # Arrays reach the algorithms C-contiguous (see _prepare), hence one layout.
+        return autotune.call_key(op, g, np.dtype(dtype).name, layout="contiguous",
+                                 deterministic=self.deterministic, workspace_limit=self.workspace_limit)
+
+    def _tuner_context(self):
+        return self.tuner, device_context(cp.cuda.Device().id)
+
+    def _cached_choice(self, op, g, dtype, candidates):
+        tuner, context = self._tuner_context()
+        name = tuner.lookup(context, self._call_key(op, g, dtype))
+        for alg in candidates:
+            if alg.name == name:
+                return alg
+        return None
 
     # ------------------------------------------------------------ internals
 
     def _run(self, op, a, b, g):
         alg = self.choose(op, g, a.dtype)
+        try:
+            out = alg.run(self, op, a, b, g)
+        except NotApplicable as e:
+            if self._forced.get(op) is not None:
+                raise RuntimeError(f"forced algorithm {alg.name!r} cannot run {op} here: {e}") from e
+            # Only found out at run time: remember the next candidate for this call.
+            rest = self.algorithms.candidates(op, g, a.dtype, self.deterministic)
+            rest = rest[rest.index(alg) + 1:] if alg in rest else rest
+            if not rest:
+                raise
+            self._tuned[(op, g, a.dtype.name)] = rest[0].name
+            return self._run(op, a, b, g)
         self.last_algorithm[op] = alg.name
-        return alg.run(self, op, a, b, g)
+        return out
 
     def _prepare(self, op, g, *named):
         out = []

@@ -20,6 +20,12 @@ def check_op(op, allow_all=False):
     return (op,)
 
 
+class NotApplicable(Exception):
+    """Raised by ``Algorithm.run`` when it finds out only at run time that it cannot do a
+    call (e.g. a library has no kernel for it within the workspace limit); the engine
+    then falls back to its next candidate, unless the algorithm was forced."""
+
+
 class Algorithm:
     """One way of computing the engine primitives.  Subclasses override the hooks."""
 

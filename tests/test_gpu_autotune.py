@@ -1,0 +1,143 @@
+"""The autotuner and cuDNN inside the GPU engine (skipped without CuPy and a CUDA device)."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+cp = pytest.importorskip("cupy")
+try:
+    _HAVE_DEVICE = cp.cuda.runtime.getDeviceCount() > 0
+except Exception:  # no driver / no device
+    _HAVE_DEVICE = False
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not _HAVE_DEVICE, reason="needs a CUDA device")]
+
+from ndconv.engine import cudnn  # noqa: E402
+from ndconv.engine.autotune import Autotuner  # noqa: E402
+from ndconv.engine.cpu import CPUEngine  # noqa: E402
+from ndconv.engine.gpu import ALGORITHMS, GPUEngine, cuda_timer, device_context  # noqa: E402
+from ndconv.engine.registry import OPS  # noqa: E402
+from ndconv.geometry import conv_geometry, conv_transpose_geometry  # noqa: E402
+
+needs_cudnn = pytest.mark.skipif(not cudnn.available(), reason=f"cuDNN absent: {cudnn.load_error()}")
+
+
+def geometry(x_shape, w_shape, **kw):
+    return conv_geometry(x_shape, w_shape, None, **kw)[0]
+
+
+def arrays(g, dtype, seed=0):
+    rng = np.random.default_rng(seed)
+    return tuple(rng.standard_normal(s).astype(dtype) for s in (g.x_shape, g.w_shape, g.y_shape))
+
+
+def run(engine, op, g, x, w, y):
+    if op == "forward":
+        return engine.forward(x, w, g)
+    if op == "backward_input":
+        return engine.backward_input(y, w, g)
+    return engine.backward_weight(x, y, g)
+
+
+def test_optimize_persists_and_a_new_process_reuses_it(tmp_path):
+    path = tmp_path / "autotune.json"
+    g = geometry((4, 16, 20, 20), (16, 1, 3, 3), padding=1, groups=16)   # >= 2 candidates each
+    eng = GPUEngine(tuner=Autotuner(path=path, timer=cuda_timer))
+    choice = eng.optimize(g, np.float32)
+    assert set(choice) == set(OPS)
+    assert eng.tuner.timings_run >= 2 * len(OPS)            # at least two candidates each
+    data = json.loads(path.read_text())
+    ctx = data["contexts"]
+    assert len(ctx) == 1 and json.loads(next(iter(ctx)))["device"] == device_context(0)["device"]
+    # a fresh engine and tuner on the same file: no timing, same choice, also for plain calls
+    fresh = GPUEngine(tuner=Autotuner(path=path, timer=cuda_timer))
+    assert fresh.optimize(g, np.float32) == choice and fresh.tuner.timings_run == 0
+    plain = GPUEngine(tuner=Autotuner(path=path, timer=cuda_timer))
+    x, w, y = (cp.asarray(a) for a in arrays(g, np.float32))
+    for op in OPS:
+        run(plain, op, g, x, w, y)
+        assert plain.last_algorithm[op] == choice[op]
+    assert plain.tuner.timings_run == 0
+
+
+def test_corrupt_cache_does_not_stop_the_engine(tmp_path):
+    path = tmp_path / "autotune.json"
+    path.write_text("{{{ not json")
+    g = geometry((2, 8, 12, 12), (8, 1, 3, 3), padding=1, groups=8)
+    eng = GPUEngine(tuner=Autotuner(path=path, timer=cuda_timer))
+    x, w, y = (cp.asarray(a) for a in arrays(g, np.float32))
+    with pytest.warns(RuntimeWarning, match="corrupt"):
+        out = eng.forward(x, w, g)
+    assert out.shape == g.y_shape
+    eng.optimize(g, np.float32)
+    assert json.loads(path.read_text())["format"] == 1
+
+
+def test_autotune_flag_tunes_on_first_call(tmp_path):
+    g = geometry((2, 8, 16, 16), (8, 4, 3, 3), padding=1, groups=2)
+    eng = GPUEngine(autotune=True, tuner=Autotuner(path=tmp_path / "a.json", timer=cuda_timer))
+    x, w, y = (cp.asarray(a) for a in arrays(g, np.float32))
+    ref = CPUEngine().forward(*(a.astype(np.float64) for a in arrays(g, np.float32)[:2]), g)
+    out = eng.forward(x, w, g)
+    assert ("forward", g, "float32") in eng._tuned
+    np.testing.assert_allclose(cp.asnumpy(out), ref, rtol=1e-4, atol=1e-4)
+    n = eng.tuner.timings_run
+    eng.forward(x, w, g)
+    assert eng.tuner.timings_run == n                          # tuned once
+
+
+def test_cudnn_symmetric_padding_rule():
+    assert cudnn.symmetric_padding(geometry((1, 1, 9, 9), (1, 1, 3, 3), padding=1)) == (1, 1)
+    # 'same' with an even kernel pads (1, 2): cuDNN would give one output fewer
+    assert cudnn.symmetric_padding(geometry((1, 1, 8, 8), (1, 1, 4, 4), padding="same")) is None
+    # high padding never read by any window: still expressible
+    assert cudnn.symmetric_padding(geometry((1, 1, 9), (1, 1, 3), stride=2, padding=[(1, 2)])) == (1,)
+    g = geometry((1, 1, 8, 8), (1, 1, 4, 4), padding="same")
+    assert not ALGORITHMS.get("cudnn").supports("forward", g, np.float32)
+
+
+@needs_cudnn
+@pytest.mark.parametrize("dtype", ["float64", "float32", "float16"])
+@pytest.mark.parametrize("g", [
+    geometry((3, 6, 17), (4, 3, 5), stride=2, padding=2, dilation=1, groups=2),
+    geometry((2, 8, 11, 13), (8, 2, 3, 3), stride=(1, 2), padding=1, dilation=(2, 1), groups=4),
+    geometry((2, 4, 6, 7, 5), (4, 1, 3, 3, 3), padding=1, groups=4),
+    conv_transpose_geometry((2, 4, 5, 5), (4, 3, 4, 4), None, 2, 1, 0, 1, 1)[0],
+], ids=["1d", "2d_grouped", "3d_depthwise", "2d_transposed_k4s2"])
+def test_cudnn_forced_matches_cpu_and_is_deterministic(g, dtype):
+    x, w, y = arrays(g, dtype, 3)
+    dev = tuple(cp.asarray(a) for a in (x, w, y))
+    cpu = CPUEngine()
+    tol = {"float64": 1e-12, "float32": 1e-5, "float16": 4e-3}[dtype]
+    for op in OPS:
+        got = run(GPUEngine(algorithm="cudnn"), op, g, *dev)
+        assert got.dtype == np.dtype(dtype)
+        ref = run(cpu, op, g, *(a.astype(np.float64) for a in (x, w, y)))
+        err = np.linalg.norm(cp.asnumpy(got).astype(np.float64) - ref) / np.linalg.norm(ref)
+        assert err < tol, (op, err)
+        again = run(GPUEngine(algorithm="cudnn"), op, g, *dev)
+        assert bool(cp.all(got.view(cp.uint8) == again.view(cp.uint8))), op
+
+
+@needs_cudnn
+def test_cudnn_records_its_choice_and_respects_the_workspace_limit(tmp_path):
+    g = geometry((4, 32, 24, 24), (32, 32, 3, 3), padding=1)
+    tuner = Autotuner(path=tmp_path / "c.json", timer=cuda_timer)
+    eng = GPUEngine(algorithm="cudnn", workspace_limit=1 << 16, tuner=tuner)
+    x, w, y = (cp.asarray(a) for a in arrays(g, np.float32))
+    eng.peak_temp_bytes = 0
+    for op in OPS:
+        run(eng, op, g, x, w, y)
+    assert eng.peak_temp_bytes <= 1 << 16
+    keys = tuner.entries(device_context(0))
+    assert sum(k.startswith("cudnn:") for k in keys) == len(OPS)
+    assert all(v.isdigit() for k, v in keys.items() if k.startswith("cudnn:"))
+
+
+def test_cudnn_absent_means_not_supported(monkeypatch):
+    monkeypatch.setattr(cudnn, "available", lambda: False)
+    g = geometry((1, 2, 5, 5), (2, 2, 3, 3), padding=1)
+    assert not ALGORITHMS.get("cudnn").supports("forward", g, np.float32)
+    assert GPUEngine().choose("forward", g, np.float32).name != "cudnn"
