@@ -851,7 +851,8 @@ def _bench_with(backend, args, cases, repeat, warmup, threads):
     versions = _versions(backend)
     print(f"ndconv bench: {device} ({backend.describe()}), {args.dtype}, {len(cases)} cases, "
           f"repeat {repeat}, warm-up {warmup}", file=sys.stderr)
-    busy = _busy_warning(device)
+    load_before = _load()
+    busy = _busy_warning(device, load_before)
     if busy:
         print(busy, file=sys.stderr)
     ceilings = backend.measure_ceilings()
@@ -887,6 +888,10 @@ def _bench_with(backend, args, cases, repeat, warmup, threads):
     print(f"# machine: {backend.describe()}")
     if busy:
         print(f"# {busy}")
+    if device == "cpu" and load_before is not None:
+        # a load that rises during the run means something else competed with it
+        print(f"# load average: {load_before:.2f} before the run, {_load():.2f} after "
+              f"({os.cpu_count()} cores)")
     print(f"# versions: ndconv {versions['ndconv_version']}, numpy {versions['numpy_version']}, "
           f"torch {versions['torch_version']}"
           + (f", cupy {versions['cupy_version']}, CUDA {versions['cuda_version']}, "
@@ -921,11 +926,18 @@ def _check_outputs(args):
             raise BenchError("--plot needs matplotlib (pip install 'ndconv[bench]')") from None
 
 
-def _busy_warning(device):
-    """A warning when other processes already load the CPU (timings then mislead)."""
-    if device != "cpu" or not hasattr(os, "getloadavg"):
+def _load():
+    """The 1-minute load average, or None where the OS has none."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
         return None
-    load = os.getloadavg()[0]
+
+
+def _busy_warning(device, load):
+    """A warning when other processes already load the CPU (timings then mislead)."""
+    if device != "cpu" or load is None:
+        return None
     cores = os.cpu_count() or 1
     if load > 0.5 * cores + 0.5:
         return (f"warning: load average {load:.1f} on {cores} cores before the run: other processes "
