@@ -125,12 +125,12 @@ def test_cudnn_forced_matches_cpu_and_is_deterministic(g, dtype):
 def test_cudnn_records_its_choice_and_respects_the_workspace_limit(tmp_path):
     g = geometry((4, 32, 24, 24), (32, 32, 3, 3), padding=1)
     tuner = Autotuner(path=tmp_path / "c.json", timer=cuda_timer)
-    eng = GPUEngine(algorithm="cudnn", workspace_limit=1 << 16, tuner=tuner)
+    eng = GPUEngine(algorithm="cudnn", workspace_limit=1 << 23, tuner=tuner)
     x, w, y = (cp.asarray(a) for a in arrays(g, np.float32))
     eng.peak_temp_bytes = 0
     for op in OPS:
         run(eng, op, g, x, w, y)
-    assert eng.peak_temp_bytes <= 1 << 16
+    assert eng.peak_temp_bytes <= 1 << 23
     keys = tuner.entries(device_context(0))
     assert sum(k.startswith("cudnn:") for k in keys) == len(OPS)
     assert all(v.isdigit() for k, v in keys.items() if k.startswith("cudnn:"))

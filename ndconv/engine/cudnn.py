@@ -247,7 +247,7 @@ class _Plan:
         # float32: plain FMA math, never TF32; float16: tensor cores (float accumulation).
         self.math = _TENSOR_OP_MATH if self.dtype == np.float16 else _FMA_MATH
         _check(lib.cudnnSetConvolutionMathType(self.conv, self.math), "cudnnSetConvolutionMathType")
-        self.algo = {}          # (op, deterministic, workspace limit) -> (algo, workspace bytes)
+        self.algo = {}          # (op, deterministic, workspace limit) -> (algo, workspace bytes, math)
         if self.dtype == np.float64:
             self.alpha, self.beta = ctypes.c_double(1.0), ctypes.c_double(0.0)
         else:
@@ -345,7 +345,9 @@ class Cudnn(Algorithm):
         ptr = []
         for desc, arr in zip(descs, arrays):
             ptr += [desc, ctypes.c_void_p(arr.data.ptr)]
-        algo, ws_bytes = self._algorithm(engine, cp, handle, plan, op, g, ptr)
+        algo, ws_bytes, math_type = self._algorithm(engine, cp, handle, plan, op, g, ptr)
+        # Each algorithm runs with the math type Find measured it with (else BAD_PARAM).
+        _check(_lib.cudnnSetConvolutionMathType(plan.conv, math_type), "cudnnSetConvolutionMathType")
         ws = cp.empty(max(ws_bytes, 1), dtype=np.uint8)
         engine._note(ws)
         status = getattr(_lib, _RUN[op])(handle, ctypes.byref(plan.alpha), ptr[0], ptr[1], ptr[2], ptr[3],
@@ -372,6 +374,7 @@ class Cudnn(Algorithm):
         except cp.cuda.memory.OutOfMemoryError:
             ws_size = int(min(limit, 1 << 26))
             ws = cp.empty(ws_size, dtype=np.uint8)
+        _check(_lib.cudnnSetConvolutionMathType(plan.conv, plan.math), "cudnnSetConvolutionMathType")
         _check(getattr(_lib, _FIND[op])(handle, ptr[0], ptr[1], ptr[2], ptr[3], plan.conv, ptr[4], ptr[5],
                                         _MAX_ALGOS, ctypes.byref(count), perf,
                                         ctypes.c_void_p(ws.data.ptr), ws_size), _FIND[op])
@@ -386,5 +389,6 @@ class Cudnn(Algorithm):
             best = same[0] if same else best
         if tuner is not None and remembered != str(best.algo):
             tuner.record(context, disk_key, str(best.algo), {str(p.algo): float(p.time) for p in ok})
-        plan.algo[key] = found = (int(best.algo), int(best.memory))
+        math_type = int(best.mathType) if plan.dtype == np.float16 else _FMA_MATH
+        plan.algo[key] = found = (int(best.algo), int(best.memory), math_type)
         return found
