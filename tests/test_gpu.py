@@ -440,7 +440,11 @@ def test_deterministic(g, dtype):
             for op in OPS:
                 if not ALGORITHMS.get(alg).supports(op, g, np.dtype(dtype)):
                     continue
-                first = run_primitive(GPUEngine(algorithm=alg, workspace_limit=limit), op, g, arrays)
+                try:
+                    first = run_primitive(GPUEngine(algorithm=alg, workspace_limit=limit), op, g, arrays)
+                except RuntimeError as e:   # cuDNN: no deterministic kernel within this limit
+                    assert alg == "cudnn" and "cannot run" in str(e), e
+                    continue
                 for _ in range(2):
                     again = run_primitive(GPUEngine(algorithm=alg, workspace_limit=limit), op, g, arrays)
                     assert bool(cp.all(bits(first) == bits(again))), (alg, op, limit)
