@@ -273,24 +273,22 @@ class CPUEngine:
         return np.ascontiguousarray(w, dtype=dt).reshape((g.y_channels,) + dw.pad3(g.kernel, g.nd, 1))
 
     def _flat_plan(self, g):
-        """Tap offsets into a flat padded plane, the row pitches and the flat output extent."""
-        pitch, length, _ = self._flat_layout(g, np.dtype(np.float32))
+        """Tap offsets into a flat padded plane, and the padded plane's dims (as 3)."""
+        need = need_extent(g)
+        pitch = [math.prod(need[i + 1:]) for i in range(g.nd)]
         offsets = np.zeros(1, dtype=np.int64)
         for k, d, p in zip(g.kernel, g.dilation, pitch):
             offsets = (offsets[:, None] + np.arange(k) * d * p).reshape(-1)
-        p3 = dw.pad3(pitch, g.nd, 0)
-        return offsets, p3[0], p3[1], length
+        return offsets, dw.pad3(g.pad_lo, g.nd, 0) + dw.pad3(need, g.nd, 1)
 
     def _forward_depthwise(self, x, w, g, dt):
         y = np.empty(g.y_shape, dtype=dt)
         if _unit_stride(g):
-            offsets, p0, p1, length = self._flat_plan(g)
+            offsets, plane = self._flat_plan(g)
             wk = np.ascontiguousarray(w, dtype=dt).reshape(g.y_channels, -1)
-            for n0, n1 in self._batches(g, dt):
-                xp = self._padded(x, g, n0, n1, 0, g.y_size[0], dt)
-                self._note(xp)
-                dw.flat_forward(xp.reshape(n1 - n0, g.x_channels, -1), wk, offsets,
-                                dw.as5d(y[n0:n1], g.nd), p0, p1, g.y_channels // g.groups, length)
+            xc = np.ascontiguousarray(x, dtype=dt)
+            dw.flat_forward(dw.as5d(xc, g.nd), wk, offsets, dw.as5d(y, g.nd), *plane,
+                            g.y_channels // g.groups)
             return y
         for n0, n1 in self._batches(g, dt):
             xp = self._padded(x, g, n0, n1, 0, g.y_size[0], dt)
@@ -305,14 +303,12 @@ class CPUEngine:
             g2 = replace(g, x_channels=g.y_channels, y_channels=g.x_channels, x_size=g.y_size,
                          y_size=g.x_size, pad_hi=(0,) * g.nd,
                          pad_lo=tuple(d * (k - 1) - lo for lo, d, k in zip(g.pad_lo, g.dilation, g.kernel)))
-            offsets, p0, p1, length = self._flat_plan(g2)
+            offsets, plane = self._flat_plan(g2)
             flipped = np.ascontiguousarray(
                 np.asarray(w, dtype=dt)[(slice(None), 0) + (slice(None, None, -1),) * g.nd]).reshape(g.y_channels, -1)
-            for n0, n1 in self._batches(g, dt):
-                gp = self._padded(gy, g2, n0, n1, 0, g2.y_size[0], dt)
-                self._note(gp)
-                dw.flat_backward_input(gp.reshape(n1 - n0, g.y_channels, -1), flipped, offsets,
-                                       dw.as5d(gx[n0:n1], g.nd), p0, p1, g.y_channels // g.groups, length)
+            gyc = np.ascontiguousarray(gy, dtype=dt)
+            dw.flat_backward_input(dw.as5d(gyc, g.nd), flipped, offsets, dw.as5d(gx, g.nd), *plane,
+                                   g.y_channels // g.groups)
             return gx
         for n0, n1 in self._batches(g, dt):
             buf = np.zeros((n1 - n0, g.x_channels) + need_extent(g), dtype=dt)
@@ -325,21 +321,11 @@ class CPUEngine:
 
     def _backward_weight_depthwise(self, x, gy, g, dt):
         if _unit_stride(g):
-            offsets, _, _, length = self._flat_plan(g)
-            pitch, _, _ = self._flat_layout(g, dt)
-            gw = np.zeros((g.y_channels, g.taps), dtype=dt)
-            part = np.empty_like(gw)
-            for n0, n1 in self._batches(g, dt):
-                nb = n1 - n0
-                xp = self._padded(x, g, n0, n1, 0, g.y_size[0], dt)
-                full = np.zeros((nb, g.y_channels, length), dtype=dt)   # gy at the padded pitch
-                item = full.itemsize
-                as_strided(full, shape=(nb, g.y_channels) + g.y_size,
-                           strides=full.strides[:2] + tuple(p * item for p in pitch))[...] = gy[n0:n1]
-                self._note(xp, full)
-                dw.flat_backward_weight(xp.reshape(nb, g.x_channels, -1), full, offsets, part,
-                                        g.y_channels // g.groups, length)
-                gw += part
+            offsets, plane = self._flat_plan(g)
+            gw = np.empty((g.y_channels, g.taps), dtype=dt)
+            dw.flat_backward_weight(dw.as5d(np.ascontiguousarray(x, dtype=dt), g.nd),
+                                    dw.as5d(np.ascontiguousarray(gy, dtype=dt), g.nd), offsets, gw, *plane,
+                                    g.y_channels // g.groups)
             return gw.reshape(g.w_shape)
         gw = np.zeros((g.y_channels,) + dw.pad3(g.kernel, g.nd, 1), dtype=dt)
         part = np.empty_like(gw)

@@ -110,70 +110,140 @@ if AVAILABLE:
 
 
 if AVAILABLE:
-    # Stride 1: a padded plane is read flat.  Output p (at the padded row pitch) of
-    # tap t reads xf[p + offset[t]], so each tap is one long contiguous loop; the
-    # wrap-around positions between rows are computed and dropped.
+    # Stride 1: each (sample, channel) plane is padded into a small local buffer and
+    # read flat.  Output p (at the padded row pitch) of tap t reads plane[p + offset[t]],
+    # so a tap is one long contiguous loop; the wrap-around positions between rows are
+    # computed and dropped.  The loops live in helpers: inside a prange body numba
+    # lowers them without vectorising.
 
-    @njit(fastmath=True, cache=True, inline="always")
-    def _store(acc, out, pitch0, pitch1):
+    @njit(fastmath=True, cache=True)
+    def _load_plane(src, plane, lo0, lo1, lo2, p0_, p1_, p2_):
+        # src (X0, X1, X2) -> plane (P0*P1*P2), zero elsewhere; parts beyond P are unread
+        plane[:] = 0
+        n2 = min(src.shape[2], p2_ - lo2)
+        for i0 in range(min(src.shape[0], p0_ - lo0)):
+            for i1 in range(min(src.shape[1], p1_ - lo1)):
+                base = ((i0 + lo0) * p1_ + i1 + lo1) * p2_ + lo2
+                row = src[i0, i1]
+                for j in range(n2):
+                    plane[base + j] = row[j]
+
+    @njit(fastmath=True, cache=True)
+    def _taps(plane, wk, offsets, acc, length):
+        # acc[p] += sum_t wk[t] * plane[p + offsets[t]], three taps per pass over acc
+        # (the loop is bound by loads and stores, not by multiply-adds)
+        k = offsets.shape[0]
+        t = 0
+        while t + 3 <= k:
+            w0, w1, w2 = wk[t], wk[t + 1], wk[t + 2]
+            s0 = plane[offsets[t]:offsets[t] + length]
+            s1 = plane[offsets[t + 1]:offsets[t + 1] + length]
+            s2 = plane[offsets[t + 2]:offsets[t + 2] + length]
+            for p in range(length):
+                acc[p] += w0 * s0[p] + w1 * s1[p] + w2 * s2[p]
+            t += 3
+        while t < k:
+            wv = wk[t]
+            seg = plane[offsets[t]:offsets[t] + length]
+            for p in range(length):
+                acc[p] += wv * seg[p]
+            t += 1
+
+    @njit(fastmath=True, cache=True)
+    def _store_plane(acc, out, pitch0, pitch1):
         for o0 in range(out.shape[0]):
             for o1 in range(out.shape[1]):
                 base = o0 * pitch0 + o1 * pitch1
                 row = out[o0, o1]
+                seg = acc[base:base + out.shape[2]]
                 for o2 in range(out.shape[2]):
-                    row[o2] = acc[base + o2]
+                    row[o2] = seg[o2]
+
+    @njit(fastmath=True, cache=True)
+    def _scatter_plane(src, flat, pitch0, pitch1):
+        for o0 in range(src.shape[0]):
+            for o1 in range(src.shape[1]):
+                base = o0 * pitch0 + o1 * pitch1
+                row = src[o0, o1]
+                for o2 in range(src.shape[2]):
+                    flat[base + o2] = row[o2]
+
+    @njit(fastmath=True, cache=True)
+    def _dots(plane, g, offsets, out, length):
+        # out[t] += sum_p g[p] * plane[p + offsets[t]], three taps per pass over g
+        k = offsets.shape[0]
+        t = 0
+        while t + 3 <= k:
+            s0 = plane[offsets[t]:offsets[t] + length]
+            s1 = plane[offsets[t + 1]:offsets[t + 1] + length]
+            s2 = plane[offsets[t + 2]:offsets[t + 2] + length]
+            a0 = a1 = a2 = g.dtype.type(0)
+            for p in range(length):
+                gv = g[p]
+                a0 += gv * s0[p]
+                a1 += gv * s1[p]
+                a2 += gv * s2[p]
+            out[t] += a0
+            out[t + 1] += a1
+            out[t + 2] += a2
+            t += 3
+        while t < k:
+            seg = plane[offsets[t]:offsets[t] + length]
+            part = g.dtype.type(0)
+            for p in range(length):
+                part += g[p] * seg[p]
+            out[t] += part
+            t += 1
 
     @njit(parallel=True, fastmath=True, cache=True)
-    def flat_forward(xf, w, offsets, y, pitch0, pitch1, mult, length):
-        # xf (N, Cx, P) padded planes; w (Cy, K); y (N, Cy, O0, O1, O2)
+    def flat_forward(x, w, offsets, y, lo0, lo1, lo2, p0_, p1_, p2_, mult):
+        # x (N, Cx, X0, X1, X2); w (Cy, K); y (N, Cy, O0, O1, O2)
         n_, cy = y.shape[0], y.shape[1]
+        length = ((y.shape[2] - 1) * p1_ + y.shape[3] - 1) * p2_ + y.shape[4]
         for job in prange(n_ * cy):
             n = job // cy
             co = job % cy
-            src = xf[n, co // mult]
+            plane = np.empty(p0_ * p1_ * p2_, dtype=y.dtype)
             acc = np.zeros(length, dtype=y.dtype)
-            for t in range(offsets.shape[0]):
-                wv = w[co, t]
-                seg = src[offsets[t]:offsets[t] + length]
-                for p in range(length):
-                    acc[p] += wv * seg[p]
-            _store(acc, y[n, co], pitch0, pitch1)
+            _load_plane(x[n, co // mult], plane, lo0, lo1, lo2, p0_, p1_, p2_)
+            _taps(plane, w[co], offsets, acc, length)
+            _store_plane(acc, y[n, co], p1_ * p2_, p2_)
 
     @njit(parallel=True, fastmath=True, cache=True)
-    def flat_backward_input(gf, w, offsets, gx, pitch0, pitch1, mult, length):
-        # gf (N, Cy, P) gy padded by the complementary padding; w (Cy, K) already flipped;
-        # gx (N, Cx, X0, X1, X2): gx[c] sums its mult output channels.
+    def flat_backward_input(gy, w, offsets, gx, lo0, lo1, lo2, p0_, p1_, p2_, mult):
+        # gy (N, Cy, ...) read with the complementary padding; w (Cy, K) flipped;
+        # gx (N, Cx, X0, X1, X2): channel c sums its mult output channels.
         n_, cx = gx.shape[0], gx.shape[1]
+        length = ((gx.shape[2] - 1) * p1_ + gx.shape[3] - 1) * p2_ + gx.shape[4]
         for job in prange(n_ * cx):
             n = job // cx
             c = job % cx
+            plane = np.empty(p0_ * p1_ * p2_, dtype=gx.dtype)
             acc = np.zeros(length, dtype=gx.dtype)
             for m in range(mult):
-                co = c * mult + m
-                src = gf[n, co]
-                for t in range(offsets.shape[0]):
-                    wv = w[co, t]
-                    seg = src[offsets[t]:offsets[t] + length]
-                    for p in range(length):
-                        acc[p] += wv * seg[p]
-            _store(acc, gx[n, c], pitch0, pitch1)
+                _load_plane(gy[n, c * mult + m], plane, lo0, lo1, lo2, p0_, p1_, p2_)
+                _taps(plane, w[c * mult + m], offsets, acc, length)
+            _store_plane(acc, gx[n, c], p1_ * p2_, p2_)
 
     @njit(parallel=True, fastmath=True, cache=True)
-    def flat_backward_weight(xf, gyf, offsets, gw, mult, length):
-        # xf (N, Cx, P) padded planes; gyf (N, Cy, L) gy at the padded pitch, zeros between rows.
-        n_, cy = gyf.shape[0], gyf.shape[1]
+    def flat_backward_weight(x, gy, offsets, gw, lo0, lo1, lo2, p0_, p1_, p2_, mult):
+        # gw (Cy, K) = sum over samples and positions of gy * shifted padded x
+        n_, cy = gy.shape[0], gy.shape[1]
+        length = ((gy.shape[2] - 1) * p1_ + gy.shape[3] - 1) * p2_ + gy.shape[4]
         for co in prange(cy):
+            plane = np.empty(p0_ * p1_ * p2_, dtype=gw.dtype)
+            g = np.zeros(length, dtype=gw.dtype)     # gy at the padded pitch, zero between rows
+            acc = np.zeros(offsets.shape[0], dtype=np.float64)
+            part = np.zeros(offsets.shape[0], dtype=gw.dtype)
+            for n in range(n_):
+                _load_plane(x[n, co // mult], plane, lo0, lo1, lo2, p0_, p1_, p2_)
+                _scatter_plane(gy[n, co], g, p1_ * p2_, p2_)
+                part[:] = 0
+                _dots(plane, g, offsets, part, length)
+                for t in range(offsets.shape[0]):
+                    acc[t] += part[t]
             for t in range(offsets.shape[0]):
-                total = 0.0
-                for n in range(n_):
-                    g = gyf[n, co]
-                    seg = xf[n, co // mult, offsets[t]:offsets[t] + length]
-                    part = g.dtype.type(0)
-                    for p in range(length):
-                        part += g[p] * seg[p]
-                    total += part
-                gw[co, t] = total
-
+                gw[co, t] = acc[t]
 
 def as5d(a, nd):
     """(N, C, *s) -> (N, C, 1.., *s) with 5 dims, a view."""
