@@ -31,6 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .cli import int_at_least
+
 OPS = ("fwd", "bwd_data", "bwd_weight")
 KINDS = ("conv", "deconv")
 DEVICES = ("cpu", "gpu")
@@ -426,9 +428,9 @@ def cpu_threads(threads):
     try:
         yield
     finally:
-        torch.set_num_threads(saved_torch)
         for fn in reversed(restore):
             fn()
+        torch.set_num_threads(saved_torch)   # last: threadpoolctl may also reset torch's OpenMP
 
 
 def _openblas_threads(threads=None):
@@ -760,26 +762,6 @@ def ndconv_revision():
 
 # ------------------------------------------------------------------------ command line
 
-def _positive_int(text):
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return v
-
-
-def _non_negative_int(text):
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}")
-    return v
-
-
 def add_arguments(parser):
     parser.add_argument("--device", choices=DEVICES, default="cpu",
                         help="run the suite's cpu cases on NumPy or its gpu cases on CuPy (default: cpu)")
@@ -787,10 +769,10 @@ def add_arguments(parser):
                         help=f"suite file (default: the packaged {DEFAULT_SUITE.name})")
     parser.add_argument("--cases", metavar="NAME,...", default=None,
                         help="only these cases, comma-separated (default: all of the device's cases)")
-    parser.add_argument("--repeat", type=_positive_int, default=None, metavar="N",
+    parser.add_argument("--repeat", type=int_at_least(1), default=None, metavar="N",
                         help="timed calls of each library per row; the median is reported "
                              f"(default: {DEFAULT_REPEAT['cpu']} on cpu, {DEFAULT_REPEAT['gpu']} on gpu)")
-    parser.add_argument("--warmup", type=_non_negative_int, default=None, metavar="N",
+    parser.add_argument("--warmup", type=int_at_least(0), default=None, metavar="N",
                         help="untimed rounds before timing, after the agreement check "
                              f"(default: {DEFAULT_WARMUP['cpu']} on cpu, {DEFAULT_WARMUP['gpu']} on gpu)")
     parser.add_argument("--dtype", choices=DTYPES, default="float32",
@@ -798,7 +780,7 @@ def add_arguments(parser):
     parser.add_argument("--json", metavar="PATH", default=None,
                         help="write a JSON list with one record per case and operation")
     parser.add_argument("--plot", metavar="PATH", default=None, help="write a PNG bar chart of the ratios")
-    parser.add_argument("--threads", type=_positive_int, default=None, metavar="N",
+    parser.add_argument("--threads", type=int_at_least(1), default=None, metavar="N",
                         help="CPU threads for PyTorch, NumPy's BLAS and numba (default: os.cpu_count())")
     parser.epilog = ("Every row is checked (ndconv and PyTorch must agree) before it is timed; ndconv "
                      "and PyTorch calls alternate and the median of each is reported. Exit status: 0 "

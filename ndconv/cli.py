@@ -15,6 +15,22 @@ SUBCOMMANDS = {
 }
 
 
+def int_at_least(minimum):
+    """An argparse type: an int >= minimum, with a one-line message otherwise."""
+    what = "a positive integer" if minimum == 1 else "a non-negative integer" if minimum == 0 \
+        else f"an integer >= {minimum}"
+
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return value
+    return parse
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="ndconv", description="N-dimensional convolution tools")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")

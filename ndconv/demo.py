@@ -35,6 +35,8 @@ import time
 
 import numpy as np
 
+from .cli import int_at_least
+
 __all__ = ["add_arguments", "run", "build_autoencoder", "DEFAULTS"]
 
 DEFAULTS = dict(epochs=6, samples=4096, heldout=512, image_size=28, batch_size=32, learn_rate=2e-3)
@@ -47,43 +49,23 @@ EVAL_RTOL = 1e-5
 # ---------------------------------------------------------------------------- arguments
 
 
-def _positive_int(text):
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
-def _seed(text):
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}")
-    return value
-
-
 def add_arguments(parser):
-    parser.add_argument("--epochs", type=_positive_int, default=DEFAULTS["epochs"],
+    parser.add_argument("--epochs", type=int_at_least(1), default=DEFAULTS["epochs"],
                         help=f"passes over the training images (default {DEFAULTS['epochs']})")
     parser.add_argument("--device", choices=("cpu", "gpu"), default="cpu",
                         help="where to train: cpu (NumPy) or gpu (CuPy, needs an NVIDIA GPU); default cpu")
     parser.add_argument("--out", default="ndconv-demo", metavar="DIR",
                         help="folder for metrics.json, reconstructions.png, loss.png, model.h5 "
                              "(default ./ndconv-demo)")
-    parser.add_argument("--seed", type=_seed, default=0,
+    parser.add_argument("--seed", type=int_at_least(0), default=0,
                         help="seed of the images, the initial weights and the batch order (default 0)")
     parser.add_argument("--evaluate", action="store_true",
                         help="do not train: reload DIR/model.h5 and recompute the held-out MSE "
                              "recorded in DIR/metrics.json")
     # Hidden knobs for tests and experiments; the defaults are the documented demo.
-    parser.add_argument("--samples", type=_positive_int, default=DEFAULTS["samples"], help=argparse.SUPPRESS)
-    parser.add_argument("--heldout", type=_positive_int, default=DEFAULTS["heldout"], help=argparse.SUPPRESS)
-    parser.add_argument("--batch-size", type=_positive_int, default=DEFAULTS["batch_size"], help=argparse.SUPPRESS)
+    parser.add_argument("--samples", type=int_at_least(1), default=DEFAULTS["samples"], help=argparse.SUPPRESS)
+    parser.add_argument("--heldout", type=int_at_least(1), default=DEFAULTS["heldout"], help=argparse.SUPPRESS)
+    parser.add_argument("--batch-size", type=int_at_least(1), default=DEFAULTS["batch_size"], help=argparse.SUPPRESS)
     parser.add_argument("--learn-rate", type=float, default=DEFAULTS["learn_rate"], help=argparse.SUPPRESS)
     parser.add_argument("--no-progress", action="store_true", help=argparse.SUPPRESS)
 

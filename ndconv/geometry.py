@@ -212,18 +212,23 @@ def _check_groups(groups):
     return int(groups)
 
 
-def conv_geometry(input_shape, weight_shape, bias_shape=None, stride=1, padding=0, dilation=1,
-                  groups=1, padding_mode="zeros", data_format=None, op="conv"):
-    """Geometry of ``conv(input, weight)``; raises on every bad argument before any work."""
+def _common_arguments(input_shape, weight_shape, groups, stride, dilation, data_format, op):
+    """Checks shared by both directions; the dimension count follows the weight."""
     weight_shape = tuple(weight_shape)
     nd = len(weight_shape) - 2
     if nd not in (1, 2, 3):
         raise ValueError(f"weight of {op} must have 3, 4 or 5 dims, got weight of size {list(weight_shape)}")
     _check_weight(weight_shape, nd, op)
     shape, layout = parse_layout(input_shape, nd, data_format, op)
-    groups = _check_groups(groups)
-    stride = int_tuple(stride, nd, "stride", 1)
-    dilation = int_tuple(dilation, nd, "dilation", 1)
+    return (weight_shape, nd, shape, layout, _check_groups(groups), int_tuple(stride, nd, "stride", 1),
+            int_tuple(dilation, nd, "dilation", 1))
+
+
+def conv_geometry(input_shape, weight_shape, bias_shape=None, stride=1, padding=0, dilation=1,
+                  groups=1, padding_mode="zeros", data_format=None, op="conv"):
+    """Geometry of ``conv(input, weight)``; raises on every bad argument before any work."""
+    weight_shape, nd, shape, layout, groups, stride, dilation = _common_arguments(
+        input_shape, weight_shape, groups, stride, dilation, data_format, op)
     if padding_mode not in PADDING_MODES:
         raise ValueError(f"padding_mode must be one of {PADDING_MODES}, got padding_mode={padding_mode!r}")
     c_out, c_in_g = weight_shape[:2]
@@ -268,15 +273,8 @@ def conv_transpose_geometry(input_shape, weight_shape, bias_shape=None, stride=1
                             output_padding=0, groups=1, dilation=1, output_size=None,
                             data_format=None, op="conv_transpose"):
     """Geometry of ``conv_transpose(input, weight)``: its input is the geometry's ``y``."""
-    weight_shape = tuple(weight_shape)
-    nd = len(weight_shape) - 2
-    if nd not in (1, 2, 3):
-        raise ValueError(f"weight of {op} must have 3, 4 or 5 dims, got weight of size {list(weight_shape)}")
-    _check_weight(weight_shape, nd, op)
-    shape, layout = parse_layout(input_shape, nd, data_format, op)
-    groups = _check_groups(groups)
-    stride = int_tuple(stride, nd, "stride", 1)
-    dilation = int_tuple(dilation, nd, "dilation", 1)
+    weight_shape, nd, shape, layout, groups, stride, dilation = _common_arguments(
+        input_shape, weight_shape, groups, stride, dilation, data_format, op)
     output_padding = int_tuple(output_padding, nd, "output_padding", 0)
     c_in, c_out_g = weight_shape[:2]
     kernel = weight_shape[2:]
