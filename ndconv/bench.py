@@ -300,9 +300,11 @@ def rel_error(a, b):
 class Backend:
     """Arrays, synchronisation and ceilings of one device, for both libraries."""
 
-    def __init__(self, device, dtype, threads=None):
+    def __init__(self, device, dtype, threads=None, autotune=True):
         import torch
         self.torch = torch
+        self.autotune = autotune   # ndconv's counterpart of cudnn.benchmark: measure, then choose
+        self._engines = {}
         self.device = device
         self.dtype = dtype
         self.threads = threads
@@ -321,8 +323,17 @@ class Backend:
             self.cupy = None
             self.torch_device = torch.device("cpu")
 
+    def tune(self, engine):
+        """Set the engine's autotune flag for the run (restored by close)."""
+        self._engines.setdefault(id(engine), (engine, engine.autotune))
+        engine.autotune = self.autotune
+        return engine
+
     def close(self):
-        """Put PyTorch's global GPU flags back as they were (for in-process callers)."""
+        """Put PyTorch's global GPU flags and the engines' autotune flags back as they were."""
+        for engine, flag in self._engines.values():
+            engine.autotune = flag
+        self._engines.clear()
         if self._saved_flags is not None:
             b = self.torch.backends
             b.cudnn.benchmark, b.cuda.matmul.allow_tf32, b.cudnn.allow_tf32 = self._saved_flags
@@ -591,7 +602,7 @@ def run_case(case, backend, repeat, warmup, ops=OPS):
         x, w, gy = make_inputs(case, dtype)
         nd_args = [backend.nd_array(a) for a in (x, w, gy)]
         th_args = [backend.torch_tensor(a) for a in (x, w, gy)]
-        engine = ndconv.get_engine(nd_args[0])
+        engine = backend.tune(ndconv.get_engine(nd_args[0]))
     except Exception as e:  # e.g. out of device memory: a failed row, not a crash
         return [_failed(dict(base, op=op), "error", f"{type(e).__name__}: {e}") for op in ops]
     nd_fns = ndconv_calls(case, *nd_args)
@@ -607,6 +618,8 @@ def run_case(case, backend, repeat, warmup, ops=OPS):
         rec = dict(base, op=op)
         records.append(rec)
         try:
+            if backend.autotune:
+                nd_fns[op]()   # the first call of a shape tunes; its temporaries are not the op's
             if hasattr(engine, "peak_temp_bytes"):
                 engine.peak_temp_bytes = 0
             backend.sync()
@@ -780,6 +793,9 @@ def add_arguments(parser):
     parser.add_argument("--json", metavar="PATH", default=None,
                         help="write a JSON list with one record per case and operation")
     parser.add_argument("--plot", metavar="PATH", default=None, help="write a PNG bar chart of the ratios")
+    parser.add_argument("--no-autotune", action="store_true",
+                        help="use ndconv's untuned heuristic choice of algorithm (default: each shape's "
+                             "first call times the candidates, as cudnn.benchmark does for PyTorch)")
     parser.add_argument("--threads", type=int_at_least(1), default=None, metavar="N",
                         help="CPU threads for PyTorch, NumPy's BLAS and numba (default: os.cpu_count())")
     parser.epilog = ("Every row is checked (ndconv and PyTorch must agree) before it is timed; ndconv "
@@ -821,7 +837,7 @@ def run(args):
 
 
 def _bench(args, cases, repeat, warmup, threads):
-    backend = Backend(args.device, args.dtype, threads)
+    backend = Backend(args.device, args.dtype, threads, autotune=not args.no_autotune)
     try:
         return _bench_with(backend, args, cases, repeat, warmup, threads)
     finally:

@@ -78,3 +78,15 @@ def small_workspace():
         yield engine
     finally:
         engine.workspace_limit = old
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_autotune_cache(tmp_path_factory):
+    """Keep the engines' autotune cache file out of the user's cache directory."""
+    old = os.environ.get("NDCONV_CACHE_DIR")
+    os.environ["NDCONV_CACHE_DIR"] = str(tmp_path_factory.mktemp("ndconv-cache"))
+    yield
+    if old is None:
+        os.environ.pop("NDCONV_CACHE_DIR", None)
+    else:
+        os.environ["NDCONV_CACHE_DIR"] = old

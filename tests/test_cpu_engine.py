@@ -91,3 +91,21 @@ def test_float16_accumulates_in_float32():
     w = np.ones((1, 1, 4096), dtype=np.float16)
     y = ndconv.conv1d(x.reshape(1, 1, 4096), w)
     assert y.dtype == np.float16 and float(y[0, 0, 0]) == 4096.0
+
+
+def test_autotune_times_on_first_call_and_the_cache_file_serves_a_fresh_engine(tmp_path):
+    from ndconv.engine.autotune import Autotuner
+    g = geometry((2, 4, 9, 9), (4, 4, 3, 3), padding=1)
+    x, w = rng.standard_normal(g.x_shape), rng.standard_normal(g.w_shape)
+    tuner = Autotuner(path=tmp_path / "autotune.json", repeat=1)
+    e = CPUEngine()
+    e.tuner, e.autotune = tuner, True
+    y = e.forward(x, w, g)
+    assert tuner.timings_run == 2            # flat and im2col were both timed, once
+    chosen = e.choose("forward", g, np.float64)
+    e.forward(x, w, g)
+    assert tuner.timings_run == 2            # and never again
+    fresh = CPUEngine()                      # autotune off: the file's choice still wins
+    fresh.tuner = Autotuner(path=tmp_path / "autotune.json", repeat=1)
+    assert fresh.choose("forward", g, np.float64) == chosen
+    np.testing.assert_allclose(fresh.forward(x, w, g), y, rtol=1e-12, atol=1e-12)

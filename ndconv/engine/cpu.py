@@ -22,13 +22,15 @@ im2col, the first output dim).  ``peak_temp_bytes`` records the largest seen.
 from __future__ import annotations
 
 import math
-import time
+import os
+import platform
 from contextlib import contextmanager
 from dataclasses import replace
 
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
+from . import autotune
 from . import cpu_depthwise as dw
 
 DEFAULT_WORKSPACE = 256 << 20
@@ -58,6 +60,10 @@ class CPUEngine:
         self.max_phase_waste = 1.3    # flat-through-phases when missing taps cost at most this
         self._forced = None
         self._tuned = {}
+        self._untuned = {}   # heuristic choices, so the cache file is asked once per call shape
+        # autotune: time the candidates on the first call of each (op, geometry, dtype)
+        self.autotune = os.environ.get("NDCONV_AUTOTUNE", "") not in ("", "0")
+        self.tuner = None   # an autotune.Autotuner; the shared one (with its cache file) by default
 
     # ------------------------------------------------------------ choosing an algorithm
 
@@ -79,14 +85,29 @@ class CPUEngine:
         return algorithm == "im2col"
 
     def choose(self, op, g, dtype):
+        """Forced, else tuned (here or in the cache file), else autotuned, else the first supported."""
+        itemsize = np.dtype(dtype).itemsize
         if self._forced is not None:
-            if not self.supports(self._forced, op, g, np.dtype(dtype).itemsize):
+            if not self.supports(self._forced, op, g, itemsize):
                 raise ValueError(f"algorithm {self._forced!r} does not support {op} for {g}")
             return self._forced
         key = (op, g, np.dtype(dtype).str)
         if key in self._tuned:
             return self._tuned[key]
-        return next(a for a in self.algorithms if self.supports(a, op, g, np.dtype(dtype).itemsize))
+        if key in self._untuned and not self.autotune:
+            return self._untuned[key]
+        candidates = [a for a in self.algorithms if self.supports(a, op, g, itemsize)]
+        remembered = self._tuner().lookup(_context(), self._call_key(op, g, dtype))
+        if remembered in candidates:
+            self._tuned[key] = remembered
+        elif self.autotune and len(candidates) > 1:
+            self.optimize(g, dtype, ops=(op,))
+        else:
+            if len(self._untuned) > 4096:
+                self._untuned.clear()
+            self._untuned[key] = candidates[0]
+            return candidates[0]
+        return self._tuned[key]
 
     @contextmanager
     def force(self, algorithm):
@@ -99,31 +120,41 @@ class CPUEngine:
         finally:
             self._forced = previous
 
-    def optimize(self, g, dtype=np.float32, repeat=3):
-        """Time every applicable algorithm on this geometry once; later calls use the fastest."""
+    def optimize(self, g, dtype=np.float32, ops=OPS, repeat=3):
+        """Time every applicable algorithm once for this geometry; later calls use the fastest.
+
+        The choice is kept in memory and in the autotune cache file, so later
+        processes on this machine reuse it.  Returns ``{op: algorithm}``.
+        """
+        g = g if g.padding_mode == "zeros" else g.with_zero_padding()
         dtype = np.dtype(dtype)
+        ops = (ops,) if isinstance(ops, str) else tuple(ops)
         rng = np.random.default_rng(0)
-        x = rng.standard_normal(g.x_shape).astype(dtype)
-        w = rng.standard_normal(g.w_shape).astype(dtype)
-        gy = rng.standard_normal(g.y_shape).astype(dtype)
-        args = {"forward": (x, w), "backward_input": (gy, w), "backward_weight": (x, gy)}
+        arrays = {name: rng.standard_normal(shape).astype(dtype)
+                  for name, shape in (("x", g.x_shape), ("w", g.w_shape), ("y", g.y_shape))}
+        operands = {"forward": ("x", "w"), "backward_input": ("y", "w"), "backward_weight": ("x", "y")}
         chosen = {}
-        for op in OPS:
-            best = None
-            for algorithm in self.algorithms:
-                if not self.supports(algorithm, op, g, dtype.itemsize):
-                    continue
+        for op in ops:
+            if op not in OPS:
+                raise ValueError(f"op must be one of {OPS}, got op={op!r}")
+            found = [a for a in self.algorithms if self.supports(a, op, g, dtype.itemsize)]
+            a, b = (arrays[name] for name in operands[op])
+
+            def run(algorithm, op=op, a=a, b=b):
                 with self.force(algorithm):
-                    times = []
-                    for _ in range(repeat):
-                        start = time.perf_counter()
-                        getattr(self, op)(*args[op], g)
-                        times.append(time.perf_counter() - start)
-                t = sorted(times)[len(times) // 2]
-                if best is None or t < best[0]:
-                    best = (t, algorithm)
-            chosen[op] = self._tuned[(op, g, dtype.str)] = best[1]
+                    getattr(self, op)(a, b, g)
+            candidates = {name: (lambda name=name: run(name)) for name in found}
+            best = self._tuner().tune(_context(), self._call_key(op, g, dtype), candidates, repeat=repeat)
+            chosen[op] = self._tuned[(op, g, dtype.str)] = best.algorithm
         return chosen
+
+    def _tuner(self):
+        if self.tuner is None:
+            self.tuner = _shared_tuner()
+        return self.tuner
+
+    def _call_key(self, op, g, dtype):
+        return autotune.call_key(op, g, np.dtype(dtype).name, workspace_limit=self.workspace_limit)
 
     # ------------------------------------------------------------ the three primitives
 
@@ -440,6 +471,36 @@ class CPUEngine:
 
     def _note(self, *arrays):
         self.peak_temp_bytes = max(self.peak_temp_bytes, sum(a.nbytes for a in arrays))
+
+
+_tuner_instance = None
+
+
+def _shared_tuner():
+    global _tuner_instance
+    if _tuner_instance is None:
+        _tuner_instance = autotune.Autotuner()
+    return _tuner_instance
+
+
+def _context():
+    """What makes a CPU timing valid elsewhere: the processor, threads, library versions."""
+    from .. import __version__
+    threads = dw.numba.get_num_threads() if dw.AVAILABLE else None
+    return {"engine": "cpu", "machine": platform.machine(), "processor": _cpu_model(),
+            "cores": os.cpu_count(), "numba_threads": threads, "numpy": np.__version__,
+            "ndconv": __version__}
+
+
+def _cpu_model():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
 
 
 # ---------------------------------------------------------------- padding and layout helpers
