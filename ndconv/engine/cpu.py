@@ -235,40 +235,57 @@ class CPUEngine:
         block = max(self.min_block, min(length, self.block_bytes // per_col))
         return pitch, length, block
 
+    def _padded_last(self, x, g, n, dt):
+        """Sample n zero-padded and channels-last, flattened: (prod(need), Cx)."""
+        need = need_extent(g)
+        buf = np.zeros(need + (g.x_channels,), dtype=dt)
+        _copy_unpadded(np.moveaxis(x[n:n + 1], 1, -1), buf[None], g.pad_lo, 0, channels_last=True)
+        return buf.reshape(-1, g.x_channels)
+
     def _flat_cols(self, flat, g, pitch, q0, width, buf):
-        """Columns q0:q0+width of one padded sample (Cx, prod(need)) into buf (G, Cx/G*K, width)."""
+        """Columns q0:q0+width of a flat channels-last sample into buf (G, width, K*Cx/G).
+
+        Tap k of column p is row p + offset(k): for each tap a contiguous run of
+        channels, so the copy streams whole rows.
+        """
         cg = g.x_channels // g.groups
         item = flat.itemsize
-        view = as_strided(flat[:, q0:], shape=(g.groups, cg) + g.kernel + (width,),
-                          strides=(cg * flat.strides[0], flat.strides[0])
-                          + tuple(d * p * item for d, p in zip(g.dilation, pitch)) + (item,),
-                          writeable=False)
-        out = buf[..., :width]
+        row = flat.strides[0]
+        view = as_strided(flat[q0:], shape=(g.groups, width) + g.kernel + (cg,),
+                          strides=(cg * item, row) + tuple(d * p * row for d, p in zip(g.dilation, pitch))
+                          + (item,), writeable=False)
+        out = buf[:, :width]
         np.copyto(out.reshape(view.shape), view)   # splitting an axis: always a view
         return out
 
     def _forward_flat(self, x, w, g, dt, y):
-        """y[...] = conv(x, w) for a stride-1 geometry, one sample at a time."""
+        """y[...] = conv(x, w) for a stride-1 geometry, one sample at a time.
+
+        Channels-last inside: columns (width, K*Cx/G) @ weight (K*Cx/G, Cy/G), the
+        orientation BLAS runs fastest when channel counts are small.
+        """
         pitch, length, block = self._flat_layout(g, dt)
         cg, yg = g.x_channels // g.groups, g.y_channels // g.groups
-        wm = _weight_matrix(w, g, dt)                                  # (G, Cy/G, Cx/G*K)
         if _pointwise(g):   # the columns are x itself: one GEMM per sample, no copy
+            wm = _weight_matrix(w, g, dt)                              # (G, Cy/G, Cx/G)
             xv = np.asarray(x, dtype=dt).reshape(g.batch, g.groups, cg, -1)
             np.matmul(wm, xv, out=y.reshape(g.batch, g.groups, yg, -1))
             return y
-        full = np.empty((g.groups, yg, length), dtype=dt)              # y at padded pitch
-        buf = np.empty((g.groups, cg * g.taps, block), dtype=dt)
+        wl = _weight_last(w, g, dt)                                    # (G, K*Cx/G, Cy/G)
+        full = np.empty((g.groups, length, yg), dtype=dt)              # y at padded pitch, channels-last
+        buf = np.empty((g.groups, block, g.taps * cg), dtype=dt)
         item = full.itemsize
-        valid = as_strided(full, shape=(g.y_channels,) + g.y_size,
-                           strides=(length * item,) + tuple(p * item for p in pitch), writeable=False)
+        valid = as_strided(full, shape=(g.groups, yg) + g.y_size,
+                           strides=(length * yg * item, item) + tuple(p * yg * item for p in pitch),
+                           writeable=False)
         for n in range(g.batch):
-            flat = self._padded(x, g, n, n + 1, 0, g.y_size[0], dt).reshape(g.x_channels, -1)
+            flat = self._padded_last(x, g, n, dt)
             self._note(flat, full, buf)
             for q0 in range(0, length, block):
                 width = min(block, length - q0)
                 cols = self._flat_cols(flat, g, pitch, q0, width, buf)
-                np.matmul(wm, cols, out=full[:, :, q0:q0 + width])
-            y[n] = valid
+                np.matmul(cols, wl, out=full[:, q0:q0 + width])
+            y[n].reshape((g.groups, yg) + g.y_size)[...] = valid
         return y
 
     def _backward_weight_flat(self, x, gy, g, dt):
@@ -278,21 +295,24 @@ class CPUEngine:
             xv = np.asarray(x, dtype=dt).reshape(g.batch, g.groups, cg, -1)
             gyv = np.asarray(gy, dtype=dt).reshape(g.batch, g.groups, yg, -1)
             return np.matmul(gyv, np.swapaxes(xv, 2, 3)).sum(axis=0).reshape(g.w_shape)
-        gw = np.zeros((g.groups, yg, cg * g.taps), dtype=dt)
-        full = np.zeros((g.groups, yg, length), dtype=dt)               # gy at padded pitch, zero between rows
-        buf = np.empty((g.groups, cg * g.taps, block), dtype=dt)
+        gwl = np.zeros((g.groups, g.taps * cg, yg), dtype=dt)          # (G, K*Cx/G, Cy/G)
+        full = np.zeros((g.groups, length, yg), dtype=dt)               # gy at padded pitch, zero between rows
+        buf = np.empty((g.groups, block, g.taps * cg), dtype=dt)
         item = full.itemsize
-        rows = as_strided(full, shape=(g.y_channels,) + g.y_size,
-                          strides=(length * item,) + tuple(p * item for p in pitch))
+        rows = as_strided(full, shape=(g.groups, yg) + g.y_size,
+                          strides=(length * yg * item, item) + tuple(p * yg * item for p in pitch))
         for n in range(g.batch):
-            flat = self._padded(x, g, n, n + 1, 0, g.y_size[0], dt).reshape(g.x_channels, -1)
+            flat = self._padded_last(x, g, n, dt)
             self._note(flat, full, buf)
-            rows[...] = gy[n]
+            rows[...] = gy[n].reshape((g.groups, yg) + g.y_size)
             for q0 in range(0, length, block):
                 width = min(block, length - q0)
                 cols = self._flat_cols(flat, g, pitch, q0, width, buf)
-                gw += np.matmul(full[:, :, q0:q0 + width], np.swapaxes(cols, 1, 2))
-        return gw.reshape(g.w_shape)
+                gwl += np.matmul(np.swapaxes(cols, 1, 2), full[:, q0:q0 + width])
+        # (G, *k, Cx/G, Cy/G) -> (G, Cy/G, Cx/G, *k) -> (Cy, Cx/G, *k)
+        v = gwl.reshape((g.groups,) + g.kernel + (cg, yg))
+        order = (0, g.nd + 2, g.nd + 1) + tuple(range(1, g.nd + 1))
+        return np.ascontiguousarray(v.transpose(order)).reshape(g.w_shape)
 
     # ------------------------------------------------------------ depthwise: compiled loops
 
@@ -513,10 +533,12 @@ def _overlap(size, lo, start, extent):
     return r0, r1, r0 + start - lo
 
 
-def _copy_unpadded(x, buf, pad_lo, start0):
-    """Copy x (nb, C, *size) into a zeroed padded-coordinate buffer (nb, C, *extent)."""
-    dst, src = [slice(None), slice(None)], [slice(None), slice(None)]
-    for i, (size, lo, extent) in enumerate(zip(x.shape[2:], pad_lo, buf.shape[2:])):
+def _copy_unpadded(x, buf, pad_lo, start0, channels_last=False):
+    """Copy x (nb, C, *size) into a zeroed padded-coordinate buffer (nb, C, *extent);
+    with ``channels_last`` both are (nb, *spatial, C)."""
+    dst, src = [slice(None)] * (1 if channels_last else 2), [slice(None)] * (1 if channels_last else 2)
+    spatial = slice(1, -1) if channels_last else slice(2, None)
+    for i, (size, lo, extent) in enumerate(zip(x.shape[spatial], pad_lo, buf.shape[spatial])):
         r0, r1, s0 = _overlap(size, lo, start0 if i == 0 else 0, extent)
         if r1 <= r0:
             return
@@ -657,6 +679,14 @@ def _flip_weight(w, g, dt):
     v = np.asarray(w, dtype=dt).reshape((g.groups, yg, cg) + g.kernel)
     v = np.swapaxes(v, 1, 2)[(Ellipsis,) + (slice(None, None, -1),) * g.nd]
     return np.ascontiguousarray(v).reshape((g.x_channels, yg) + g.kernel)
+
+
+def _weight_last(w, g, dt):
+    """(Cy, Cx/G, *k) -> (G, K*Cx/G, Cy/G), rows ordered (tap, channel) like the columns."""
+    yg, cg = g.y_channels // g.groups, g.x_channels // g.groups
+    v = np.asarray(w, dtype=dt).reshape((g.groups, yg, cg) + g.kernel)
+    order = (0,) + tuple(range(3, 3 + g.nd)) + (2, 1)
+    return np.ascontiguousarray(v.transpose(order)).reshape(g.groups, g.taps * cg, yg)
 
 
 def _weight_matrix(w, g, dt):
