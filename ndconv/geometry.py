@@ -237,6 +237,8 @@ def conv_geometry(input_shape, weight_shape, bias_shape=None, stride=1, padding=
     x_size = shape[2:]
     if c_out % groups:
         raise ValueError(f"out_channels (weight.shape[0]={c_out}) must be divisible by groups={groups}")
+    if c_in % groups:
+        raise ValueError(f"in_channels must be divisible by groups={groups}, got an input with {c_in} channels")
     if c_in != c_in_g * groups:
         raise ValueError(f"Given groups={groups}, weight of size {list(weight_shape)}, expected "
                          f"input{list(input_shape)} to have {c_in_g * groups} channels, but got "
@@ -304,7 +306,9 @@ def conv_transpose_geometry(input_shape, weight_shape, bias_shape=None, stride=1
         output_size = tuple(output_size)
         if len(output_size) == nd + 2:
             output_size = output_size[2:]
-        if len(output_size) != nd or not all(_is_int(v) for v in output_size):
+        if not all(_is_int(v) for v in output_size):
+            raise TypeError(f"output_size must hold ints, got output_size={output_size}")
+        if len(output_size) != nd:
             raise ValueError(f"output_size must have {nd} or {nd + 2} ints, got output_size={output_size}")
         for want, a, b in zip(output_size, smallest, largest):
             if not a <= want <= b:
