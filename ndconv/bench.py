@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from .cli import int_at_least
+from .engine.cpu import cpu_model
 
 OPS = ("fwd", "bwd_data", "bwd_weight")
 KINDS = ("conv", "deconv")
@@ -398,17 +399,6 @@ class Ceiling:
     def __str__(self):
         return f"{self.label} {self.rate:.1f} {self.unit}"
 
-
-def cpu_model():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-    return platform.processor() or platform.machine()
 
 
 @contextlib.contextmanager

@@ -507,12 +507,12 @@ def _context():
     """What makes a CPU timing valid elsewhere: the processor, threads, library versions."""
     from .. import __version__
     threads = dw.numba.get_num_threads() if dw.AVAILABLE else None
-    return {"engine": "cpu", "machine": platform.machine(), "processor": _cpu_model(),
+    return {"engine": "cpu", "machine": platform.machine(), "processor": cpu_model(),
             "cores": os.cpu_count(), "numba_threads": threads, "numpy": np.__version__,
             "ndconv": __version__}
 
 
-def _cpu_model():
+def cpu_model():
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -520,7 +520,7 @@ def _cpu_model():
                     return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return platform.processor()
+    return platform.processor() or platform.machine()
 
 
 # ---------------------------------------------------------------- padding and layout helpers

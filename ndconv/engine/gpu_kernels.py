@@ -362,3 +362,341 @@ def source(nd, dtype_name):
     return (_TEMPLATE.replace("__ND__", str(nd)).replace("__IS_HALF__", str(is_half))
             .replace("__WG_THREADS__", str(WGRAD_THREADS))
             .replace("__STORAGE__", storage).replace("__ACC__", acc))
+
+
+# ====================================================================== depthwise, tiled
+#
+# One module per (dtype, kernel, stride, dilation, tile shape): every loop over taps
+# and over a thread's outputs has compile-time bounds, so it unrolls into registers.
+# Every problem is seen as 3-D (Z, Y, X): a 1-D or 2-D geometry has leading dims of
+# size 1 (kernel 1, stride 1, dilation 1, no padding).  Sizes, paddings and counts
+# are 64-bit kernel arguments.
+#
+# A block of NT = BX*BY threads owns a tile of TY = BY rows by TX = BX*VX outputs of
+# one (n, channel, output depth) plane; thread (bx, by) computes the VX consecutive
+# outputs row by, columns bx*VX .. bx*VX+VX-1.  The input rows those outputs read
+# (all KZ depth taps, tile + halo) are loaded once into shared memory, coalesced
+# along X, with zeros outside the input.  Each thread then reads, per (kz, ky) tap
+# row, the window of WIN consecutive values its VX outputs need into registers
+# (vector loads of VEC values when the tile layout keeps them aligned), and does
+# all KX taps from registers.
+#
+# Kernels:
+#   dw_tiled_forward    y[n, co] = sum_k w[co, k] x[n, co/M, o*S - L + k*D]
+#   dw_tiled_backward   stride 1 only: gx[n, c] = sum_m (gy[n, c*M+m] correlated with
+#                       the flipped w[c*M+m]) with padding (K-1)*D - L: the same
+#                       tile code, reading gy
+#   dw_tiled_wgrad      per block: partial sums of gy*x for all taps of one channel
+#                       over a fixed chunk of (n, depth, tile) steps, reduced inside
+#                       the block in a fixed order -> partial[co, chunk, tap]
+#   dw_tiled_wgrad_final  gw[co, tap] = sum over chunks, in order
+# No atomics anywhere: the results are bitwise reproducible.
+
+_TILED_TEMPLATE = r"""
+#define IS_HALF __IS_HALF__
+typedef long long i64;
+typedef __STORAGE__ T;
+typedef __ACC__ ACC;
+typedef __VEC_T__ VT;
+
+#ifdef NDCONV_EMULATE
+#include "emulate_half.h"
+#elif IS_HALF
+__device__ __forceinline__ ACC ld(const T* p, i64 i) {
+    float f;
+    unsigned short h = p[i];
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+    return f;
+}
+__device__ __forceinline__ void st(T* p, i64 i, ACC v) {
+    unsigned short h;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(v));
+    p[i] = h;
+}
+#else
+__device__ __forceinline__ ACC ld(const T* p, i64 i) { return (ACC)p[i]; }
+__device__ __forceinline__ void st(T* p, i64 i, ACC v) { p[i] = (T)v; }
+#endif
+
+#define KZ __KZ__
+#define KY __KY__
+#define KX __KX__
+#define SZ __SZ__
+#define SY __SY__
+#define SX __SX__
+#define DZ __DZ__
+#define DY __DY__
+#define DX __DX__
+#define BX __BX__
+#define BY __BY__
+#define VX __VX__
+#define VEC __VEC__
+#define USE_WIN __USE_WIN__
+
+#define NT (BX * BY)
+#define NWARPS (NT / 32)
+#define TX (BX * VX)
+#define TY BY
+#define KT (KZ * KY * KX)
+#define IH ((TY - 1) * SY + (KY - 1) * DY + 1)
+#define WIN ((VX - 1) * SX + (KX - 1) * DX + 1)
+#define WINV (((WIN + VEC - 1) / VEC) * VEC)
+#define IWP ((BX - 1) * VX * SX + WINV)
+#define TILE (KZ * IH * IWP)
+
+// The tile of the input plane `src` (sizes XZ, XY, XX) that output tile (oz, oy0, ox0)
+// reads: rows iy0 .. iy0+IH-1 of the KZ depth slices iz0 + kz*DZ, columns ix0 ..
+// ix0+IWP-1; zero outside the plane.
+__device__ __forceinline__ void load_tile(ACC* sx, const T* __restrict__ src, i64 iz0, i64 iy0,
+                                          i64 ix0, i64 XZ, i64 XY, i64 XX) {
+#pragma unroll 4
+    for (int i = threadIdx.x; i < TILE; i += NT) {
+        const int col = i % IWP;
+        const int r = i / IWP;
+        const int yy = r % IH;
+        const int kz = r / IH;
+        const i64 iz = iz0 + (i64)kz * DZ, iy = iy0 + yy, ix = ix0 + col;
+        ACC v = 0;
+        if (iz >= 0 && iz < XZ && iy >= 0 && iy < XY && ix >= 0 && ix < XX)
+            v = ld(src, (iz * XY + iy) * XX + ix);
+        sx[i] = v;
+    }
+}
+
+// win[0 .. WINV) = row[0 .. WINV); row is VEC-aligned (IWP and bx*VX*SX are multiples of VEC).
+__device__ __forceinline__ void load_win(const ACC* row, ACC* win) {
+#if VEC == 4
+#pragma unroll
+    for (int j = 0; j < WINV; j += 4) {
+        const VT q = *reinterpret_cast<const VT*>(row + j);
+        win[j] = q.x; win[j + 1] = q.y; win[j + 2] = q.z; win[j + 3] = q.w;
+    }
+#elif VEC == 2
+#pragma unroll
+    for (int j = 0; j < WINV; j += 2) {
+        const VT q = *reinterpret_cast<const VT*>(row + j);
+        win[j] = q.x; win[j + 1] = q.y;
+    }
+#else
+#pragma unroll
+    for (int j = 0; j < WINV; ++j) win[j] = row[j];
+#endif
+}
+
+// acc[v] += sum over the taps of w * tile, for the thread's VX outputs.
+__device__ __forceinline__ void conv_tile(const ACC* sx, const ACC* sw, int bx, int by, ACC* acc) {
+#pragma unroll
+    for (int kz = 0; kz < KZ; ++kz) {
+#pragma unroll
+        for (int ky = 0; ky < KY; ++ky) {
+            const ACC* row = sx + (kz * IH + by * SY + ky * DY) * IWP + bx * VX * SX;
+            const ACC* wk = sw + (kz * KY + ky) * KX;
+#if USE_WIN
+            ACC win[WINV];
+            load_win(row, win);
+#pragma unroll
+            for (int kx = 0; kx < KX; ++kx) {
+                const ACC wv = wk[kx];
+#pragma unroll
+                for (int v = 0; v < VX; ++v) acc[v] += wv * win[v * SX + kx * DX];
+            }
+#else
+#pragma unroll 4
+            for (int kx = 0; kx < KX; ++kx) {
+                const ACC wv = wk[kx];
+#pragma unroll
+                for (int v = 0; v < VX; ++v) acc[v] += wv * row[v * SX + kx * DX];
+            }
+#endif
+        }
+    }
+}
+
+// FLIP == 0: forward, out channel oc reads input channel oc / M with weight row oc.
+// FLIP == 1: input gradient (stride 1), out channel oc sums input channels oc*R + q,
+//            q < R, each with its weight row flipped over every axis.
+template <int FLIP>
+__device__ __forceinline__ void dw_tiled_conv(const T* __restrict__ x, const T* __restrict__ w,
+                                              T* __restrict__ y, i64 Cout, i64 Cin, i64 M, i64 R,
+                                              i64 XZ, i64 XY, i64 XX, i64 YZ, i64 YY, i64 YX,
+                                              i64 LZ, i64 LY, i64 LX, i64 tiles_x, i64 tiles_y,
+                                              i64 total) {
+    __shared__ __align__(16) ACC sx[TILE];
+    __shared__ ACC sw[KT];
+    const int tid = threadIdx.x, bx = tid % BX, by = tid / BX;
+    const i64 XS = XZ * XY * XX, YS = YZ * YY * YX;
+    for (i64 t = blockIdx.x; t < total; t += gridDim.x) {
+        i64 r = t;
+        const i64 tx = r % tiles_x; r /= tiles_x;
+        const i64 ty = r % tiles_y; r /= tiles_y;
+        const i64 oz = r % YZ; r /= YZ;
+        const i64 oc = r % Cout;
+        const i64 n = r / Cout;
+        const i64 ox0 = tx * TX, oy0 = ty * TY;
+        ACC acc[VX];
+#pragma unroll
+        for (int v = 0; v < VX; ++v) acc[v] = 0;
+        for (i64 q = 0; q < R; ++q) {
+            const i64 ic = FLIP ? oc * R + q : oc / M;
+            const i64 wrow = FLIP ? ic : oc;
+            __syncthreads();                       // the previous step is done with sx, sw
+            for (int i = tid; i < KT; i += NT) sw[i] = ld(w, wrow * KT + (FLIP ? KT - 1 - i : i));
+            load_tile(sx, x + (n * Cin + ic) * XS, oz * SZ - LZ, oy0 * SY - LY, ox0 * SX - LX, XZ, XY, XX);
+            __syncthreads();
+            conv_tile(sx, sw, bx, by, acc);
+        }
+        const i64 oy = oy0 + by;
+        if (oy < YY) {
+            T* yo = y + (n * Cout + oc) * YS + (oz * YY + oy) * YX;
+#pragma unroll
+            for (int v = 0; v < VX; ++v) {
+                const i64 ox = ox0 + bx * VX + v;
+                if (ox < YX) st(yo, ox, acc[v]);
+            }
+        }
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(NT)
+dw_tiled_forward(const T* __restrict__ x, const T* __restrict__ w, T* __restrict__ y,
+                 i64 Cout, i64 Cin, i64 M, i64 R, i64 XZ, i64 XY, i64 XX, i64 YZ, i64 YY, i64 YX,
+                 i64 LZ, i64 LY, i64 LX, i64 tiles_x, i64 tiles_y, i64 total) {
+    dw_tiled_conv<0>(x, w, y, Cout, Cin, M, R, XZ, XY, XX, YZ, YY, YX, LZ, LY, LX, tiles_x, tiles_y, total);
+}
+
+extern "C" __global__ void __launch_bounds__(NT)
+dw_tiled_backward(const T* __restrict__ gy, const T* __restrict__ w, T* __restrict__ gx,
+                  i64 Cout, i64 Cin, i64 M, i64 R, i64 XZ, i64 XY, i64 XX, i64 YZ, i64 YY, i64 YX,
+                  i64 LZ, i64 LY, i64 LX, i64 tiles_x, i64 tiles_y, i64 total) {
+    dw_tiled_conv<1>(gy, w, gx, Cout, Cin, M, R, XZ, XY, XX, YZ, YY, YX, LZ, LY, LX, tiles_x, tiles_y, total);
+}
+
+// Block b = (co, p) sums gy*x over the tile steps p*chunk .. min(per_ch, (p+1)*chunk) of
+// channel co (a step = one (n, oz, ty, tx) tile), for all KT taps: each thread keeps KT
+// sums over its outputs, then a fixed-order reduction over the block (warp shuffles,
+// then the warps in order).  partial[b, tap] gets the result.
+extern "C" __global__ void __launch_bounds__(NT)
+dw_tiled_wgrad(const T* __restrict__ x, const T* __restrict__ gy, ACC* __restrict__ partial,
+               i64 Cy, i64 Cx, i64 M, i64 XZ, i64 XY, i64 XX, i64 YZ, i64 YY, i64 YX,
+               i64 LZ, i64 LY, i64 LX, i64 tiles_x, i64 tiles_y, i64 per_ch, i64 chunk, i64 P) {
+    __shared__ __align__(16) ACC sx[TILE];
+    __shared__ ACC red[NWARPS * KT];
+    const int tid = threadIdx.x, bx = tid % BX, by = tid / BX;
+    const int lane = tid & 31, warp = tid >> 5;
+    const i64 XS = XZ * XY * XX, YS = YZ * YY * YX;
+    for (i64 b = blockIdx.x; b < Cy * P; b += gridDim.x) {
+        const i64 co = b / P, p = b % P;
+        const i64 c = co / M;
+        ACC acc[KT];
+#pragma unroll
+        for (int k = 0; k < KT; ++k) acc[k] = 0;
+        const i64 t0 = p * chunk;
+        const i64 t1 = per_ch < t0 + chunk ? per_ch : t0 + chunk;
+        for (i64 t = t0; t < t1; ++t) {
+            i64 r = t;
+            const i64 tx = r % tiles_x; r /= tiles_x;
+            const i64 ty = r % tiles_y; r /= tiles_y;
+            const i64 oz = r % YZ;
+            const i64 n = r / YZ;
+            const i64 ox0 = tx * TX, oy0 = ty * TY, oy = oy0 + by;
+            __syncthreads();                       // the previous step is done with sx
+            load_tile(sx, x + (n * Cx + c) * XS, oz * SZ - LZ, oy0 * SY - LY, ox0 * SX - LX, XZ, XY, XX);
+            ACC g[VX];
+            const T* gyr = gy + (n * Cy + co) * YS + (oz * YY + oy) * YX;
+#pragma unroll
+            for (int v = 0; v < VX; ++v) {
+                const i64 ox = ox0 + bx * VX + v;
+                g[v] = (oy < YY && ox < YX) ? ld(gyr, ox) : (ACC)0;
+            }
+            __syncthreads();
+#pragma unroll
+            for (int kz = 0; kz < KZ; ++kz) {
+#pragma unroll
+                for (int ky = 0; ky < KY; ++ky) {
+                    const ACC* row = sx + (kz * IH + by * SY + ky * DY) * IWP + bx * VX * SX;
+                    ACC* ak = acc + (kz * KY + ky) * KX;
+#if USE_WIN
+                    ACC win[WINV];
+                    load_win(row, win);
+#pragma unroll
+                    for (int kx = 0; kx < KX; ++kx) {
+                        ACC s = 0;
+#pragma unroll
+                        for (int v = 0; v < VX; ++v) s += g[v] * win[v * SX + kx * DX];
+                        ak[kx] += s;
+                    }
+#else
+#pragma unroll
+                    for (int kx = 0; kx < KX; ++kx) {
+                        ACC s = 0;
+#pragma unroll
+                        for (int v = 0; v < VX; ++v) s += g[v] * row[v * SX + kx * DX];
+                        ak[kx] += s;
+                    }
+#endif
+                }
+            }
+        }
+#pragma unroll
+        for (int k = 0; k < KT; ++k) {
+            ACC v = acc[k];
+#pragma unroll
+            for (int off = 16; off > 0; off >>= 1) v += __shfl_down_sync(0xffffffffu, v, off);
+            if (lane == 0) red[warp * KT + k] = v;
+        }
+        __syncthreads();
+        for (int k = tid; k < KT; k += NT) {
+            ACC s = 0;
+#pragma unroll
+            for (int wi = 0; wi < NWARPS; ++wi) s += red[wi * KT + k];
+            partial[b * KT + k] = s;
+        }
+        __syncthreads();                           // red is read before the next block reuses it
+    }
+}
+
+// gw[co, tap] = sum over p < P of partial[co, p, tap], in order.
+extern "C" __global__ void dw_tiled_wgrad_final(const ACC* __restrict__ partial, T* __restrict__ gw,
+                                                i64 Cy, i64 P) {
+    const i64 total = Cy * KT;
+    for (i64 idx = (i64)blockIdx.x * blockDim.x + threadIdx.x; idx < total;
+         idx += (i64)blockDim.x * gridDim.x) {
+        const i64 co = idx / KT, k = idx % KT;
+        ACC s = 0;
+        for (i64 p = 0; p < P; ++p) s += partial[(co * P + p) * KT + k];
+        st(gw, idx, s);
+    }
+}
+"""
+
+#: dtype -> (storage type, accumulator, is_half, vector types by width)
+_TILED_VECTORS = {"float": {4: "float4", 2: "float2", 1: "float"},
+                  "double": {2: "double2", 1: "double"}}
+
+
+def tiled_source(dtype_name, kernel, stride, dilation, bx, by, vx, vec, use_window):
+    """CUDA source of the tiled depthwise kernels for one compile-time configuration.
+
+    ``kernel``, ``stride``, ``dilation``: 3-tuples (Z, Y, X; leading dims of a 1-D or
+    2-D problem are 1).  ``bx * by`` threads per block (a multiple of 32), ``vx``
+    outputs per thread along X, shared-memory windows read ``vec`` values at a time.
+    """
+    try:
+        storage, acc, is_half = _TYPES[dtype_name]
+    except KeyError:
+        raise ValueError(f"dtype must be float16, float32 or float64, got dtype={dtype_name!r}") from None
+    vec_t = _TILED_VECTORS[acc].get(vec)
+    if vec_t is None:
+        raise ValueError(f"vec must be one of {sorted(_TILED_VECTORS[acc])} for {dtype_name}, got vec={vec!r}")
+    if (bx * by) % 32:
+        raise ValueError(f"bx * by must be a multiple of 32, got bx={bx!r}, by={by!r}")
+    subs = {"__IS_HALF__": is_half, "__STORAGE__": storage, "__ACC__": acc, "__VEC_T__": vec_t,
+            "__BX__": bx, "__BY__": by, "__VX__": vx, "__VEC__": vec, "__USE_WIN__": int(bool(use_window))}
+    for axis, i in zip("ZYX", range(3)):
+        subs[f"__K{axis}__"] = kernel[i]
+        subs[f"__S{axis}__"] = stride[i]
+        subs[f"__D{axis}__"] = dilation[i]
+    src = _TILED_TEMPLATE
+    for key, value in subs.items():
+        src = src.replace(key, str(value))
+    return src

@@ -1,0 +1,243 @@
+"""Tiled depthwise kernels (``Cx/G == 1``, any channel multiplier): the ``depthwise_tiled``
+GPU algorithm.
+
+The planning half (tile shapes, launch arguments) is plain Python so that it can be
+checked without a GPU; :class:`DepthwiseTiled` compiles and launches the kernels of
+:func:`ndconv.engine.gpu_kernels.tiled_source`, one module per (dtype, kernel, stride,
+dilation, tile shape), cached.
+
+Forward and (stride 1) input gradient: each block computes one tile of one
+(n, channel, output depth) plane from a shared-memory copy of the input tile and its
+halo; the input gradient is the forward code run on ``gy`` with the flipped kernel
+and the complementary padding ``(K-1)*D - L``, summing the ``M`` output channels of
+each input channel.  Weight gradient: per block, partial sums of ``gy*x`` for all
+taps of one channel over a fixed chunk of tiles, then a second kernel sums the
+chunks in order.  The chunking depends on the geometry only, so results are
+bitwise reproducible (no atomics).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from .registry import OPS, Algorithm
+
+#: static shared memory a block may use
+SMEM_LIMIT = 48 * 1024
+#: the weight gradient keeps one sum per tap per thread in registers
+WGRAD_MAX_TAPS = 64
+#: taps unrolled into one kernel (compile time and code size stay reasonable)
+MAX_TAPS = 1024
+#: registers of a thread's window of inputs
+MAX_WINDOW = 40
+#: weight-gradient blocks aimed for (a geometry-only number: the chunking, hence the
+#: summation order, never depends on the device)
+WGRAD_BLOCKS = 2048
+MAX_BLOCKS = 1 << 20
+_FLOATS = ("float16", "float32", "float64")
+
+
+@dataclass(frozen=True)
+class Tile:
+    bx: int
+    by: int
+    vx: int
+    vec: int
+    use_window: bool
+
+    @property
+    def threads(self):
+        return self.bx * self.by
+
+    @property
+    def tx(self):
+        return self.bx * self.vx
+
+    @property
+    def ty(self):
+        return self.by
+
+
+def as3(values, fill):
+    """A 1-, 2- or 3-tuple as (Z, Y, X), leading dims filled with ``fill``."""
+    values = tuple(int(v) for v in values)
+    return (fill,) * (3 - len(values)) + values
+
+
+def _acc_itemsize(dtype_name):
+    return 8 if dtype_name == "float64" else 4
+
+
+def tile_layout(tile, k3, s3, d3):
+    """(window, padded window, padded row, rows, shared-memory elements of the input tile)."""
+    kz, ky, kx = k3
+    sz, sy, sx = s3
+    dz, dy, dx = d3
+    win = (tile.vx - 1) * sx + (kx - 1) * dx + 1
+    winv = -(-win // tile.vec) * tile.vec
+    iwp = (tile.bx - 1) * tile.vx * sx + winv
+    ih = (tile.ty - 1) * sy + (ky - 1) * dy + 1
+    return win, winv, iwp, ih, kz * ih * iwp
+
+
+def smem_bytes(tile, k3, s3, d3, dtype_name):
+    taps = math.prod(k3)
+    *_, elems = tile_layout(tile, k3, s3, d3)
+    return _acc_itemsize(dtype_name) * (elems + max(taps, (tile.threads // 32) * taps))
+
+
+def _vec(dtype_name, step):
+    widths = (2, 1) if dtype_name == "float64" else (4, 2, 1)
+    return next(v for v in widths if step % v == 0)
+
+
+def plan_tile(nd, out3, k3, s3, d3, dtype_name):
+    """The tile shape for outputs of size ``out3`` (Z, Y, X), or None when none fits.
+
+    Least wasted area (outputs past the edge of the last tiles) first; within 5% of
+    that, more outputs per thread (register reuse of the window), then more threads.
+    """
+    _, oy, ox = out3
+    shapes = ((256, 1), (128, 1), (64, 1)) if nd == 1 else ((32, 8), (16, 16), (8, 32))
+    options = []
+    for bx, by in shapes:
+        for vx in (4, 2, 1):
+            vec = _vec(dtype_name, vx * s3[2])
+            probe = Tile(bx, by, vx, vec, True)
+            _, winv, *_ = tile_layout(probe, k3, s3, d3)
+            tile = Tile(bx, by, vx, vec, winv <= MAX_WINDOW)
+            if smem_bytes(tile, k3, s3, d3, dtype_name) > SMEM_LIMIT:
+                continue
+            waste = (-(-ox // tile.tx) * tile.tx) * (-(-oy // tile.ty) * tile.ty) / (ox * oy)
+            options.append((waste, tile))
+    if not options:
+        return None
+    best = min(w for w, _ in options)
+    near = [t for w, t in options if w <= best * 1.05]
+    return max(near, key=lambda t: (t.vx, t.threads))
+
+
+@dataclass(frozen=True)
+class Launch:
+    """One kernel launch: module key parts, grid, block and the integer arguments."""
+    kernel: tuple
+    stride: tuple
+    dilation: tuple
+    tile: Tile
+    blocks: int
+    ints: tuple
+
+
+def _tiles(tile, out3):
+    return -(-out3[2] // tile.tx), -(-out3[1] // tile.ty)
+
+
+def plan(op, g, dtype_name):
+    """The launch of ``op`` on geometry ``g`` (the first kernel of the weight gradient,
+    with ``ints[-1]`` = number of chunks), or None when the tiled kernels cannot do it."""
+    if op not in OPS or g.nd not in (1, 2, 3) or dtype_name not in _FLOATS:
+        return None
+    if g.x_channels != g.groups or g.x_channels <= 0 or g.y_channels % g.x_channels:
+        return None
+    if g.padding_mode != "zeros" or 0 in g.x_shape or 0 in g.y_shape:
+        return None
+    taps = g.taps
+    if taps > MAX_TAPS or (op == "backward_weight" and taps > WGRAD_MAX_TAPS):
+        return None
+    k3, s3, d3 = as3(g.kernel, 1), as3(g.stride, 1), as3(g.dilation, 1)
+    x3, y3, l3 = as3(g.x_size, 1), as3(g.y_size, 1), as3(g.pad_lo, 0)
+    n, cx, cy = g.batch, g.x_channels, g.y_channels
+    m = cy // cx
+    if op == "backward_input":
+        if s3 != (1, 1, 1):
+            return None
+        tile = plan_tile(g.nd, x3, k3, s3, d3, dtype_name)
+        if tile is None:
+            return None
+        tx, ty = _tiles(tile, x3)
+        total = n * cx * x3[0] * ty * tx
+        flipped = tuple((k - 1) * d - lo for k, d, lo in zip(k3, d3, l3))
+        ints = (cx, cy, 1, m) + y3 + x3 + flipped + (tx, ty, total)
+        return Launch(k3, s3, d3, tile, min(total, MAX_BLOCKS), ints)
+    tile = plan_tile(g.nd, y3, k3, s3, d3, dtype_name)
+    if tile is None:
+        return None
+    tx, ty = _tiles(tile, y3)
+    if op == "forward":
+        total = n * cy * y3[0] * ty * tx
+        ints = (cy, cx, m, 1) + x3 + y3 + l3 + (tx, ty, total)
+        return Launch(k3, s3, d3, tile, min(total, MAX_BLOCKS), ints)
+    per_ch = n * y3[0] * ty * tx
+    parts = max(1, min(per_ch, -(-WGRAD_BLOCKS // cy)))
+    chunk = -(-per_ch // parts)
+    parts = -(-per_ch // chunk)
+    ints = (cy, cx, m) + x3 + y3 + l3 + (tx, ty, per_ch, chunk, parts)
+    return Launch(k3, s3, d3, tile, min(cy * parts, MAX_BLOCKS), ints)
+
+
+KERNEL_NAMES = {"forward": "dw_tiled_forward", "backward_input": "dw_tiled_backward",
+                "backward_weight": "dw_tiled_wgrad"}
+
+
+def module_key(dtype_name, launch):
+    t = launch.tile
+    return (dtype_name, launch.kernel, launch.stride, launch.dilation, t.bx, t.by, t.vx, t.vec, t.use_window)
+
+
+def module_source(key):
+    from .gpu_kernels import tiled_source
+    dtype_name, k3, s3, d3, bx, by, vx, vec, use_window = key
+    return tiled_source(dtype_name, k3, s3, d3, bx, by, vx, vec, use_window)
+
+
+class DepthwiseTiled(Algorithm):
+    """Shared-memory tiles with halos, loops over taps unrolled per compiled geometry."""
+
+    name = "depthwise_tiled"
+
+    def __init__(self):
+        self._modules = {}
+
+    def supports(self, op, g, dtype):
+        return plan(op, g, np.dtype(dtype).name) is not None
+
+    def _function(self, dtype_name, launch, name):
+        import cupy as cp
+        key = (cp.cuda.Device().id,) + module_key(dtype_name, launch)
+        mod = self._modules.get(key)
+        if mod is None:
+            mod = cp.RawModule(code=module_source(key[1:]))
+            if len(self._modules) > 256:
+                self._modules.clear()
+            self._modules[key] = mod
+        return mod.get_function(name)
+
+    def run(self, engine, op, a, b, g):
+        import cupy as cp
+        dtype_name = a.dtype.name
+        launch = plan(op, g, dtype_name)
+        if launch is None:          # supports() said yes for this call: cannot happen
+            raise ValueError(f"depthwise_tiled cannot run {op} for x {g.x_shape}, weight {g.w_shape}")
+        ints = tuple(np.int64(v) for v in launch.ints)
+        threads = launch.tile.threads
+        fn = self._function(dtype_name, launch, KERNEL_NAMES[op])
+        if op == "forward":
+            out = cp.empty(g.y_shape, dtype=a.dtype)
+            fn((launch.blocks,), (threads,), (a, b, out) + ints)
+            return out
+        if op == "backward_input":
+            out = cp.empty(g.x_shape, dtype=a.dtype)
+            fn((launch.blocks,), (threads,), (a, b, out) + ints)
+            return out
+        cy, parts, taps = g.y_channels, launch.ints[-1], g.taps
+        acc = np.float64 if dtype_name == "float64" else np.float32
+        partial = cp.empty(cy * parts * taps, dtype=acc)
+        engine._note(partial)
+        fn((launch.blocks,), (threads,), (a, b, partial) + ints)
+        out = cp.empty(g.w_shape, dtype=a.dtype)
+        final = self._function(dtype_name, launch, "dw_tiled_wgrad_final")
+        blocks = max(1, min(-(-(cy * taps) // 256), MAX_BLOCKS))
+        final((blocks,), (256,), (partial, out, np.int64(cy), np.int64(parts)))
+        return out
