@@ -5,6 +5,7 @@ Skipped as a whole where CuPy or a CUDA device is missing (CI has neither).
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import zlib
 
@@ -455,6 +456,102 @@ def test_default_engine_is_deterministic():
     assert all(a.deterministic for a in ALGORITHMS)
 
 
+# ====================================================================== depthwise_tiled
+
+TILED_GEOMETRIES = [
+    geometry((2, 3, 37), (6, 1, 5), padding=[(3, 1)], dilation=2, groups=3),
+    geometry((2, 2, 1100), (2, 1, 31), padding=15, groups=2),
+    geometry((1, 2, 41), (4, 1, 4), stride=2, padding=[(2, 1)], groups=2),
+    geometry((2, 2, 57, 70), (4, 1, 3, 3), padding=1, groups=2),
+    geometry((1, 3, 19, 70), (3, 1, 3, 2), stride=2, padding=[(0, 2), (1, 0)], dilation=(1, 2), groups=3),
+    geometry((1, 2, 7, 150), (2, 1, 2, 5), padding=[(1, 1), (20, 3)], dilation=(1, 13), groups=2),
+    geometry((2, 2, 5, 33, 37), (4, 1, 3, 3, 3), padding=[(1, 0), (1, 2), (0, 1)], groups=2),
+    geometry((1, 2, 5, 9, 6), (2, 1, 2, 3, 3), stride=(1, 2, 2), padding=[(1, 0), (2, 1), (0, 1)],
+             dilation=(2, 1, 1), groups=2),
+    conv_transpose_geometry((1, 2, 9), (2, 1, 3), None, 1, 1, 0, 2)[0],
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("g", TILED_GEOMETRIES, ids=lambda g: f"{g.nd}d-{g.x_shape}-{g.w_shape}-s{g.stride}")
+def test_depthwise_tiled_vs_cpu(g, dtype):
+    """Forced depthwise_tiled, every op it supports, against the CPU engine in float64."""
+    tiled = ALGORITHMS.get("depthwise_tiled")
+    assert tiled.supports("forward", g, dtype) and tiled.supports("backward_weight", g, dtype)
+    assert tiled.supports("backward_input", g, dtype) == all(s == 1 for s in g.stride)
+    cpu = CPUEngine()
+    arrays = primitive_arrays(g, 17, dtype)
+    dev = tuple(cp.asarray(a) for a in arrays)
+    f64 = tuple(a.astype(np.float64) for a in arrays)
+    eng = GPUEngine(algorithm="depthwise_tiled")
+    for op in OPS:
+        if not tiled.supports(op, g, dtype):
+            with pytest.raises(ValueError, match="does not support"):
+                run_primitive(eng, op, g, dev)
+            continue
+        got = run_primitive(eng, op, g, dev)
+        assert got.dtype == np.dtype(dtype) and eng.last_algorithm[op] == "depthwise_tiled"
+        err = relerr(host(got), run_primitive(cpu, op, g, f64))
+        assert err < TOL[dtype], (op, err)
+
+
+TILED_TORCH_CASES = [
+    dict(kind="conv", x=(2, 4, 300), w=(8, 1, 31), padding=[(15, 14)], groups=4),
+    dict(kind="conv", x=(2, 3, 45, 38), w=(6, 1, 3, 3), stride=2, padding=[(1, 0), (2, 1)], groups=3),
+    dict(kind="conv", x=(1, 2, 9, 21, 35), w=(2, 1, 3, 3, 3), padding=2, dilation=2, groups=2),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", TILED_TORCH_CASES, ids=lambda c: f"{len(c['x']) - 2}d")
+def test_depthwise_tiled_vs_torch(tcuda, gpu, case, dtype):
+    """Through the functional API with depthwise_tiled forced where it applies."""
+    g, x, w, b, gy = case_arrays(case, 5, dtype)
+    tiled = ALGORITHMS.get("depthwise_tiled")
+    ops = [op for op in OPS if tiled.supports(op, g, dtype)]
+    assert "forward" in ops and "backward_weight" in ops
+    with contextlib.ExitStack() as stack:
+        for op in ops:
+            stack.enter_context(gpu.force(op, "depthwise_tiled"))
+        got = run_ndconv(case, *(cp.asarray(a) for a in (x, w, b, gy)))
+        assert all(gpu.last_algorithm[op] == "depthwise_tiled" for op in ops)
+    ref = torch_reference(tcuda, case, x, w, b, gy)
+    for what, a, r in zip(("output", "grad_input", "grad_weight", "grad_bias"), got, ref):
+        assert a.dtype == np.dtype(dtype), what
+        assert relerr(a, r) < TOL[dtype], (what, relerr(a, r))
+
+
+@pytest.mark.parametrize("dtype", ("float32", "float16", "float64"))
+def test_depthwise_tiled_deterministic(dtype):
+    """Bitwise repeats, including a weight gradient reduced over many chunks."""
+    for g in (geometry((8, 6, 61, 67), (12, 1, 3, 3), padding=1, groups=6),
+              geometry((4, 8, 3000), (8, 1, 31), padding=15, groups=8)):
+        arrays = tuple(cp.asarray(a) for a in primitive_arrays(g, 23, dtype))
+        for op in OPS:
+            first = run_primitive(GPUEngine(algorithm="depthwise_tiled"), op, g, arrays)
+            for _ in range(2):
+                again = run_primitive(GPUEngine(algorithm="depthwise_tiled"), op, g, arrays)
+                assert bool(cp.all(bits(first) == bits(again))), (op, g)
+
+
+def test_depthwise_tiled_supports_is_precise():
+    tiled = ALGORITHMS.get("depthwise_tiled")
+    dw = geometry((2, 4, 8, 8), (8, 1, 3, 3), padding=1, groups=4)
+    assert all(tiled.supports(op, dw, dt) for op in OPS for dt in DTYPES)
+    assert not tiled.supports("forward", dw, np.int32)
+    dense = geometry((2, 4, 8, 8), (8, 2, 3, 3), padding=1, groups=2)
+    assert not any(tiled.supports(op, dense, np.float32) for op in OPS)
+    strided = geometry((2, 4, 8, 8), (4, 1, 3, 3), stride=2, padding=1, groups=4)
+    assert tiled.supports("forward", strided, np.float32)
+    assert not tiled.supports("backward_input", strided, np.float32)
+    big = geometry((1, 2, 12, 12, 12), (2, 1, 5, 5, 5), padding=2, groups=2)     # 125 taps
+    assert tiled.supports("forward", big, np.float32)
+    assert not tiled.supports("backward_weight", big, np.float32)
+    # the default registry order puts it before the simple reference kernels
+    names = ALGORITHMS.names()
+    assert names.index("depthwise_tiled") < names.index("depthwise_direct")
+
+
 # ====================================================================== algorithm choice
 
 def test_heuristic_and_forcing(gpu):
@@ -463,12 +560,12 @@ def test_heuristic_and_forcing(gpu):
     eng = GPUEngine()
     first = "cudnn" if cudnn.available() else None
     for op in OPS:
-        assert eng.choose(op, dw, np.float32).name == (first or "depthwise_direct")
+        assert eng.choose(op, dw, np.float32).name == (first or "depthwise_tiled")
         assert eng.choose(op, dense, np.float32).name == (first or "im2col_gemm")
     with eng.force("forward", "im2col_gemm"):
         assert eng.choose("forward", dw, np.float32).name == "im2col_gemm"
-        assert eng.choose("backward_input", dw, np.float32).name == (first or "depthwise_direct")
-    assert eng.choose("forward", dw, np.float32).name == (first or "depthwise_direct")
+        assert eng.choose("backward_input", dw, np.float32).name == (first or "depthwise_tiled")
+    assert eng.choose("forward", dw, np.float32).name == (first or "depthwise_tiled")
     with eng.force(None, "depthwise_direct"):
         with pytest.raises(ValueError, match="does not support"):
             eng.choose("forward", dense, np.float32)
@@ -484,7 +581,7 @@ def test_heuristic_and_forcing(gpu):
     x = cp.asarray(np.random.default_rng(0).standard_normal(dw.x_shape).astype(np.float32))
     w = cp.asarray(np.random.default_rng(1).standard_normal(dw.w_shape).astype(np.float32))
     F.conv2d(x, w, padding=1, groups=4)
-    assert gpu.last_algorithm["forward"] == (first or "depthwise_direct")
+    assert gpu.last_algorithm["forward"] == (first or "depthwise_tiled")
     with gpu.force(None, "im2col_gemm"):
         F.conv2d(x, w, padding=1, groups=4)
     assert gpu.last_algorithm["forward"] == "im2col_gemm"

@@ -1,7 +1,11 @@
 """The CuPy engine: the three primitives on an NVIDIA GPU, through a registry of algorithms.
 
-Algorithms (in the order the engine tries them):
+Algorithms (in the order the engine tries them; ``cudnn`` first where installed):
 
+``depthwise_tiled``
+    Tiled kernels for ``Cx/G == 1`` (see :mod:`ndconv.engine.gpu_depthwise`): input
+    tiles with halos in shared memory, loops over taps unrolled per compiled
+    (dtype, kernel, stride, dilation); input gradient for stride 1 only.
 ``depthwise_direct``
     Direct CUDA kernels for ``Cx/G == 1`` (depthwise, any channel multiplier), 1-D
     to 3-D.  Forward and input gradient are gathers (one thread per output
@@ -29,6 +33,7 @@ import numpy as np
 from . import autotune, gpu_kernels
 from .cudnn import Cudnn
 from .cudnn import version as cudnn_version
+from .gpu_depthwise import DepthwiseTiled
 from .registry import OPS, Algorithm, NotApplicable, Registry, check_op
 
 DEFAULT_WORKSPACE = 1 << 30
@@ -237,6 +242,7 @@ class DepthwiseDirect(Algorithm):
 # where they apply, then cuDNN where it is installed, then the generic paths.
 ALGORITHMS = Registry()
 ALGORITHMS.register(Cudnn())
+ALGORITHMS.register(DepthwiseTiled())
 ALGORITHMS.register(DepthwiseDirect())
 ALGORITHMS.register(Im2colGemm())
 
