@@ -36,6 +36,8 @@ MAX_WINDOW = 40
 #: summation order, never depends on the device)
 WGRAD_BLOCKS = 2048
 MAX_BLOCKS = 1 << 20
+#: forward / input gradient: one block per tile of a plane along grid x
+MAX_GRID_X = (1 << 31) - 1
 _FLOATS = ("float16", "float32", "float64")
 
 
@@ -126,7 +128,7 @@ class Launch:
     stride: tuple
     dilation: tuple
     tile: Tile
-    blocks: int
+    grid: tuple
     ints: tuple
 
 
@@ -157,24 +159,26 @@ def plan(op, g, dtype_name):
         if tile is None:
             return None
         tx, ty = _tiles(tile, x3)
-        total = n * cx * x3[0] * ty * tx
+        if tx * ty > MAX_GRID_X:
+            return None
         flipped = tuple((k - 1) * d - lo for k, d, lo in zip(k3, d3, l3))
-        ints = (cx, cy, 1, m) + y3 + x3 + flipped + (tx, ty, total)
-        return Launch(k3, s3, d3, tile, min(total, MAX_BLOCKS), ints)
+        ints = (cx, cy, 1, m) + y3 + x3 + flipped + (tx, n)
+        return Launch(k3, s3, d3, tile, (tx * ty, min(cx * x3[0], 65535), min(n, 65535)), ints)
     tile = plan_tile(g.nd, y3, k3, s3, d3, dtype_name)
     if tile is None:
         return None
     tx, ty = _tiles(tile, y3)
     if op == "forward":
-        total = n * cy * y3[0] * ty * tx
-        ints = (cy, cx, m, 1) + x3 + y3 + l3 + (tx, ty, total)
-        return Launch(k3, s3, d3, tile, min(total, MAX_BLOCKS), ints)
+        if tx * ty > MAX_GRID_X:
+            return None
+        ints = (cy, cx, m, 1) + x3 + y3 + l3 + (tx, n)
+        return Launch(k3, s3, d3, tile, (tx * ty, min(cy * y3[0], 65535), min(n, 65535)), ints)
     per_ch = n * y3[0] * ty * tx
     parts = max(1, min(per_ch, -(-WGRAD_BLOCKS // cy)))
     chunk = -(-per_ch // parts)
     parts = -(-per_ch // chunk)
     ints = (cy, cx, m) + x3 + y3 + l3 + (tx, ty, per_ch, chunk, parts)
-    return Launch(k3, s3, d3, tile, min(cy * parts, MAX_BLOCKS), ints)
+    return Launch(k3, s3, d3, tile, (min(cy * parts, MAX_BLOCKS), 1, 1), ints)
 
 
 KERNEL_NAMES = {"forward": "dw_tiled_forward", "backward_input": "dw_tiled_backward",
@@ -225,17 +229,17 @@ class DepthwiseTiled(Algorithm):
         fn = self._function(dtype_name, launch, KERNEL_NAMES[op])
         if op == "forward":
             out = cp.empty(g.y_shape, dtype=a.dtype)
-            fn((launch.blocks,), (threads,), (a, b, out) + ints)
+            fn(launch.grid, (threads,), (a, b, out) + ints)
             return out
         if op == "backward_input":
             out = cp.empty(g.x_shape, dtype=a.dtype)
-            fn((launch.blocks,), (threads,), (a, b, out) + ints)
+            fn(launch.grid, (threads,), (a, b, out) + ints)
             return out
         cy, parts, taps = g.y_channels, launch.ints[-1], g.taps
         acc = np.float64 if dtype_name == "float64" else np.float32
         partial = cp.empty(cy * parts * taps, dtype=acc)
         engine._note(partial)
-        fn((launch.blocks,), (threads,), (a, b, partial) + ints)
+        fn(launch.grid, (threads,), (a, b, partial) + ints)
         out = cp.empty(g.w_shape, dtype=a.dtype)
         final = self._function(dtype_name, launch, "dw_tiled_wgrad_final")
         blocks = max(1, min(-(-(cy * taps) // 256), MAX_BLOCKS))

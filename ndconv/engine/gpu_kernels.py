@@ -443,23 +443,51 @@ __device__ __forceinline__ void st(T* p, i64 i, ACC v) { p[i] = (T)v; }
 #define WINV (((WIN + VEC - 1) / VEC) * VEC)
 #define IWP ((BX - 1) * VX * SX + WINV)
 #define TILE (KZ * IH * IWP)
+#define LOAD_BATCH (((TILE + NT - 1) / NT) < 8 ? ((TILE + NT - 1) / NT) : 8)
 
 // The tile of the input plane `src` (sizes XZ, XY, XX) that output tile (oz, oy0, ox0)
 // reads: rows iy0 .. iy0+IH-1 of the KZ depth slices iz0 + kz*DZ, columns ix0 ..
 // ix0+IWP-1; zero outside the plane.
 __device__ __forceinline__ void load_tile(ACC* sx, const T* __restrict__ src, i64 iz0, i64 iy0,
                                           i64 ix0, i64 XZ, i64 XY, i64 XX) {
-#pragma unroll 4
-    for (int i = threadIdx.x; i < TILE; i += NT) {
-        const int col = i % IWP;
-        const int r = i / IWP;
-        const int yy = r % IH;
-        const int kz = r / IH;
-        const i64 iz = iz0 + (i64)kz * DZ, iy = iy0 + yy, ix = ix0 + col;
-        ACC v = 0;
-        if (iz >= 0 && iz < XZ && iy >= 0 && iy < XY && ix >= 0 && ix < XX)
-            v = ld(src, (iz * XY + iy) * XX + ix);
-        sx[i] = v;
+    // Batches of LOAD_BATCH loads per thread are issued before their stores to shared
+    // memory, so that many loads are in flight at once.
+    const int tid = threadIdx.x;
+#pragma unroll 1
+    for (int i0 = 0; i0 < TILE; i0 += LOAD_BATCH * NT) {
+        ACC v[LOAD_BATCH];
+#pragma unroll
+        for (int b = 0; b < LOAD_BATCH; ++b) {
+            const int i = i0 + b * NT + tid;
+            v[b] = 0;
+            if (i < TILE) {
+                const int col = i % IWP;
+                const int r = i / IWP;
+                const int yy = r % IH;
+                const int kz = r / IH;
+                const i64 iz = iz0 + (i64)kz * DZ, iy = iy0 + yy, ix = ix0 + col;
+                if (iz >= 0 && iz < XZ && iy >= 0 && iy < XY && ix >= 0 && ix < XX)
+                    v[b] = ld(src, (iz * XY + iy) * XX + ix);
+            }
+        }
+#pragma unroll
+        for (int b = 0; b < LOAD_BATCH; ++b) {
+            const int i = i0 + b * NT + tid;
+            if (i < TILE) sx[i] = v[b];
+        }
+    }
+}
+
+// q = a / b, r = a % b for 0 <= a, 0 < b, in 32 bits when both fit (much cheaper).
+__device__ __forceinline__ void divmod(i64 a, i64 b, i64& q, i64& r) {
+    if (((a | b) >> 32) == 0) {
+        const unsigned ua = (unsigned)a, ub = (unsigned)b;
+        const unsigned uq = ua / ub;
+        q = uq;
+        r = ua - uq * ub;
+    } else {
+        q = a / b;
+        r = a - q * b;
     }
 }
 
@@ -515,43 +543,44 @@ __device__ __forceinline__ void conv_tile(const ACC* sx, const ACC* sw, int bx, 
 // FLIP == 0: forward, out channel oc reads input channel oc / M with weight row oc.
 // FLIP == 1: input gradient (stride 1), out channel oc sums input channels oc*R + q,
 //            q < R, each with its weight row flipped over every axis.
+// Grid: x = tile of the plane (ty * tiles_x + tx), y = (out channel, output depth)
+// (grid-stride), z = sample (grid-stride): no 64-bit division per tile.
 template <int FLIP>
 __device__ __forceinline__ void dw_tiled_conv(const T* __restrict__ x, const T* __restrict__ w,
                                               T* __restrict__ y, i64 Cout, i64 Cin, i64 M, i64 R,
                                               i64 XZ, i64 XY, i64 XX, i64 YZ, i64 YY, i64 YX,
-                                              i64 LZ, i64 LY, i64 LX, i64 tiles_x, i64 tiles_y,
-                                              i64 total) {
+                                              i64 LZ, i64 LY, i64 LX, i64 tiles_x, i64 N) {
     __shared__ __align__(16) ACC sx[TILE];
     __shared__ ACC sw[KT];
     const int tid = threadIdx.x, bx = tid % BX, by = tid / BX;
     const i64 XS = XZ * XY * XX, YS = YZ * YY * YX;
-    for (i64 t = blockIdx.x; t < total; t += gridDim.x) {
-        i64 r = t;
-        const i64 tx = r % tiles_x; r /= tiles_x;
-        const i64 ty = r % tiles_y; r /= tiles_y;
-        const i64 oz = r % YZ; r /= YZ;
-        const i64 oc = r % Cout;
-        const i64 n = r / Cout;
-        const i64 ox0 = tx * TX, oy0 = ty * TY;
-        ACC acc[VX];
+    const unsigned tyu = blockIdx.x / (unsigned)tiles_x;
+    const i64 ty = tyu, tx = blockIdx.x - tyu * (unsigned)tiles_x;
+    const i64 ox0 = tx * TX, oy0 = ty * TY, oy = oy0 + by;
+    const i64 CZ = Cout * YZ;
+    for (i64 n = blockIdx.z; n < N; n += gridDim.z) {
+        for (i64 cz = blockIdx.y; cz < CZ; cz += gridDim.y) {
+            i64 oc, oz;
+            if (YZ == 1) { oc = cz; oz = 0; } else divmod(cz, YZ, oc, oz);
+            ACC acc[VX];
 #pragma unroll
-        for (int v = 0; v < VX; ++v) acc[v] = 0;
-        for (i64 q = 0; q < R; ++q) {
-            const i64 ic = FLIP ? oc * R + q : oc / M;
-            const i64 wrow = FLIP ? ic : oc;
-            __syncthreads();                       // the previous step is done with sx, sw
-            for (int i = tid; i < KT; i += NT) sw[i] = ld(w, wrow * KT + (FLIP ? KT - 1 - i : i));
-            load_tile(sx, x + (n * Cin + ic) * XS, oz * SZ - LZ, oy0 * SY - LY, ox0 * SX - LX, XZ, XY, XX);
-            __syncthreads();
-            conv_tile(sx, sw, bx, by, acc);
-        }
-        const i64 oy = oy0 + by;
-        if (oy < YY) {
-            T* yo = y + (n * Cout + oc) * YS + (oz * YY + oy) * YX;
+            for (int v = 0; v < VX; ++v) acc[v] = 0;
+            for (i64 q = 0; q < R; ++q) {
+                const i64 ic = FLIP ? oc * R + q : oc / M;
+                const i64 wrow = FLIP ? ic : oc;
+                __syncthreads();                       // the previous step is done with sx, sw
+                for (int i = tid; i < KT; i += NT) sw[i] = ld(w, wrow * KT + (FLIP ? KT - 1 - i : i));
+                load_tile(sx, x + (n * Cin + ic) * XS, oz * SZ - LZ, oy0 * SY - LY, ox0 * SX - LX, XZ, XY, XX);
+                __syncthreads();
+                conv_tile(sx, sw, bx, by, acc);
+            }
+            if (oy < YY) {
+                T* yo = y + (n * Cout + oc) * YS + (oz * YY + oy) * YX;
 #pragma unroll
-            for (int v = 0; v < VX; ++v) {
-                const i64 ox = ox0 + bx * VX + v;
-                if (ox < YX) st(yo, ox, acc[v]);
+                for (int v = 0; v < VX; ++v) {
+                    const i64 ox = ox0 + bx * VX + v;
+                    if (ox < YX) st(yo, ox, acc[v]);
+                }
             }
         }
     }
@@ -560,15 +589,15 @@ __device__ __forceinline__ void dw_tiled_conv(const T* __restrict__ x, const T* 
 extern "C" __global__ void __launch_bounds__(NT)
 dw_tiled_forward(const T* __restrict__ x, const T* __restrict__ w, T* __restrict__ y,
                  i64 Cout, i64 Cin, i64 M, i64 R, i64 XZ, i64 XY, i64 XX, i64 YZ, i64 YY, i64 YX,
-                 i64 LZ, i64 LY, i64 LX, i64 tiles_x, i64 tiles_y, i64 total) {
-    dw_tiled_conv<0>(x, w, y, Cout, Cin, M, R, XZ, XY, XX, YZ, YY, YX, LZ, LY, LX, tiles_x, tiles_y, total);
+                 i64 LZ, i64 LY, i64 LX, i64 tiles_x, i64 N) {
+    dw_tiled_conv<0>(x, w, y, Cout, Cin, M, R, XZ, XY, XX, YZ, YY, YX, LZ, LY, LX, tiles_x, N);
 }
 
 extern "C" __global__ void __launch_bounds__(NT)
 dw_tiled_backward(const T* __restrict__ gy, const T* __restrict__ w, T* __restrict__ gx,
                   i64 Cout, i64 Cin, i64 M, i64 R, i64 XZ, i64 XY, i64 XX, i64 YZ, i64 YY, i64 YX,
-                  i64 LZ, i64 LY, i64 LX, i64 tiles_x, i64 tiles_y, i64 total) {
-    dw_tiled_conv<1>(gy, w, gx, Cout, Cin, M, R, XZ, XY, XX, YZ, YY, YX, LZ, LY, LX, tiles_x, tiles_y, total);
+                  i64 LZ, i64 LY, i64 LX, i64 tiles_x, i64 N) {
+    dw_tiled_conv<1>(gy, w, gx, Cout, Cin, M, R, XZ, XY, XX, YZ, YY, YX, LZ, LY, LX, tiles_x, N);
 }
 
 // Block b = (co, p) sums gy*x over the tile steps p*chunk .. min(per_ch, (p+1)*chunk) of
@@ -592,12 +621,12 @@ dw_tiled_wgrad(const T* __restrict__ x, const T* __restrict__ gy, ACC* __restric
         for (int k = 0; k < KT; ++k) acc[k] = 0;
         const i64 t0 = p * chunk;
         const i64 t1 = per_ch < t0 + chunk ? per_ch : t0 + chunk;
+        // (n, oz, ty, tx) of step t0, then stepped like an odometer (no division per step)
+        i64 tx, ty, oz, n, r;
+        divmod(t0, tiles_x, r, tx);
+        divmod(r, tiles_y, r, ty);
+        divmod(r, YZ, n, oz);
         for (i64 t = t0; t < t1; ++t) {
-            i64 r = t;
-            const i64 tx = r % tiles_x; r /= tiles_x;
-            const i64 ty = r % tiles_y; r /= tiles_y;
-            const i64 oz = r % YZ;
-            const i64 n = r / YZ;
             const i64 ox0 = tx * TX, oy0 = ty * TY, oy = oy0 + by;
             __syncthreads();                       // the previous step is done with sx
             load_tile(sx, x + (n * Cx + c) * XS, oz * SZ - LZ, oy0 * SY - LY, ox0 * SX - LX, XZ, XY, XX);
@@ -634,6 +663,13 @@ dw_tiled_wgrad(const T* __restrict__ x, const T* __restrict__ gy, ACC* __restric
                         ak[kx] += s;
                     }
 #endif
+                }
+            }
+            if (++tx == tiles_x) {
+                tx = 0;
+                if (++ty == tiles_y) {
+                    ty = 0;
+                    if (++oz == YZ) { oz = 0; ++n; }
                 }
             }
         }
