@@ -25,7 +25,7 @@ def test_default_choice_per_geometry():
     dense = geometry((2, 4, 9, 9), (6, 4, 3, 3), padding=1)
     depthwise = geometry((2, 4, 9, 9), (8, 1, 3, 3), padding=1, groups=4)
     strided = geometry((2, 4, 9, 9), (6, 4, 3, 3), stride=2)
-    assert e.choose("forward", dense, np.float32) == "flat"
+    assert e.choose("forward", dense, np.float32) == "flat_cf"
     assert e.choose("forward", depthwise, np.float32) == "depthwise"
     assert e.choose("forward", strided, np.float32) == "im2col"      # 16/9 of the work as phases
     big_pad = geometry((2, 4, 9, 9), (6, 4, 3, 3), padding=4)        # pad > d(k-1): no flipped kernel
@@ -70,7 +70,7 @@ def test_optimize_caches_a_supported_choice_and_keeps_results():
     np.testing.assert_allclose(e.forward(x, w, g), want, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("algorithm", ["flat", "im2col", "depthwise"])
+@pytest.mark.parametrize("algorithm", ["flat", "flat_cf", "im2col", "depthwise"])
 def test_results_independent_of_batch_split(algorithm):
     # The same call with a limit that splits the batch one sample at a time.
     g = geometry((4, 6, 11, 10), (12, 1, 3, 3), padding=1, groups=6)
@@ -101,10 +101,10 @@ def test_autotune_times_on_first_call_and_the_cache_file_serves_a_fresh_engine(t
     e = CPUEngine()
     e.tuner, e.autotune = tuner, True
     y = e.forward(x, w, g)
-    assert tuner.timings_run == 2            # flat and im2col were both timed, once
+    assert tuner.timings_run == 3            # flat_cf, flat and im2col were each timed, once
     chosen = e.choose("forward", g, np.float64)
     e.forward(x, w, g)
-    assert tuner.timings_run == 2            # and never again
+    assert tuner.timings_run == 3            # and never again
     fresh = CPUEngine()                      # autotune off: the file's choice still wins
     fresh.tuner = Autotuner(path=tmp_path / "autotune.json", repeat=1)
     assert fresh.choose("forward", g, np.float64) == chosen

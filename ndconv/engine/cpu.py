@@ -13,6 +13,8 @@ Algorithms (``CPUEngine.algorithms``):
   stride-1 convolution whose s^nd output phases are interleaved (depth-to-space).
   No zeros are ever inserted into an input; the only waste is kernel taps that
   a phase lacks (none when the kernel is a multiple of the stride).
+* ``flat_cf`` - the same with channels-first columns (weight @ columns); which
+  of the two is faster depends on the shape, so the autotuner measures both.
 * ``depthwise`` - compiled loops (numba) when each group reads one channel.
 * ``im2col`` - the general fallback: gathered columns, GEMM, scatter-add (col2im).
 
@@ -50,7 +52,7 @@ def need_extent(g):
 
 class CPUEngine:
     name = "cpu"
-    algorithms = ("depthwise", "flat", "im2col")
+    algorithms = ("depthwise", "flat_cf", "flat", "im2col")
 
     def __init__(self, workspace_limit=DEFAULT_WORKSPACE):
         self.workspace_limit = workspace_limit
@@ -76,7 +78,7 @@ class CPUEngine:
         one = self._sample_bytes(g, itemsize) <= self.workspace_limit
         if algorithm == "depthwise":
             return dw.AVAILABLE and g.x_channels == g.groups and g.groups > 1 and one
-        if algorithm == "flat":
+        if algorithm in ("flat", "flat_cf"):
             if op == "backward_input" and _unit_stride(g):
                 # the flipped kernel needs non-negative complementary padding
                 if any(lo > d * (k - 1) for lo, d, k in zip(g.pad_lo, g.dilation, g.kernel)):
@@ -165,11 +167,11 @@ class CPUEngine:
         algorithm = self.choose("forward", g, dt)
         if algorithm == "depthwise":
             y = self._forward_depthwise(x, w, g, dt)
-        elif algorithm == "flat":
+        elif algorithm in ("flat", "flat_cf"):
             y = np.empty(g.y_shape, dtype=dt)
             for n0, n1 in self._batches(g, dt):
                 xs, ws, gs = _to_unit_stride(x[n0:n1], w, g.with_batch(n1 - n0), dt)
-                self._forward_flat(xs, ws, gs, dt, y[n0:n1])
+                self._forward_flat(xs, ws, gs, dt, y[n0:n1], first=algorithm == "flat_cf")
         else:
             y = self._forward_im2col(x, w, g, dt)
         return y.astype(x.dtype, copy=False)
@@ -182,7 +184,7 @@ class CPUEngine:
         algorithm = self.choose("backward_input", g, dt)
         if algorithm == "depthwise":
             self._backward_input_depthwise(gy, w, g, dt, gx)
-        elif algorithm == "flat" and _unit_stride(g):
+        elif algorithm in ("flat", "flat_cf") and _unit_stride(g):
             # The input gradient is a forward convolution of gy with the flipped,
             # group-transposed kernel and the complementary padding.
             g2 = replace(g, x_channels=g.y_channels, y_channels=g.x_channels, x_size=g.y_size,
@@ -190,15 +192,16 @@ class CPUEngine:
                          pad_lo=tuple(d * (k - 1) - lo for lo, d, k in zip(g.pad_lo, g.dilation, g.kernel)))
             flipped = _flip_weight(w, g, dt)
             for n0, n1 in self._batches(g, dt):
-                self._forward_flat(gy[n0:n1], flipped, g2.with_batch(n1 - n0), dt, gx[n0:n1])
-        elif algorithm == "flat":
+                self._forward_flat(gy[n0:n1], flipped, g2.with_batch(n1 - n0), dt, gx[n0:n1],
+                                   first=algorithm == "flat_cf")
+        elif algorithm in ("flat", "flat_cf"):
             # Each output phase r of x is a stride-1 "full" convolution of gy with the
             # taps k*d = q*s + r; all phases come out of one GEMM, then interleave.
             wp, gp, q = _phase_weight_transposed(w, g, dt)
             for n0, n1 in self._batches(g, dt):
                 nb = n1 - n0
                 phases = np.empty((nb, gp.y_channels) + gp.y_size, dtype=dt)
-                self._forward_flat(gy[n0:n1], wp, gp.with_batch(nb), dt, phases)
+                self._forward_flat(gy[n0:n1], wp, gp.with_batch(nb), dt, phases, first=algorithm == "flat_cf")
                 buf = _depth_to_space(phases, g, gp.y_size)       # (nb, Cx, *s*M), padded coords
                 self._note(phases, buf)
                 _add_unpadded(buf, gx, g, n0, n1, 0)
@@ -213,11 +216,11 @@ class CPUEngine:
         algorithm = self.choose("backward_weight", g, dt)
         if algorithm == "depthwise":
             gw = self._backward_weight_depthwise(x, gy, g, dt)
-        elif algorithm == "flat":
+        elif algorithm in ("flat", "flat_cf"):
             gw = None
             for n0, n1 in self._batches(g, dt):
                 xs, _, gs = _to_unit_stride(x[n0:n1], None, g.with_batch(n1 - n0), dt)
-                part = self._backward_weight_flat(xs, gy[n0:n1], gs, dt)
+                part = self._backward_weight_flat(xs, gy[n0:n1], gs, dt, first=algorithm == "flat_cf")
                 gw = part if gw is None else gw + part
             gw = _phase_weight_gather(gw, g)
         else:
@@ -258,11 +261,12 @@ class CPUEngine:
         np.copyto(out.reshape(view.shape), view)   # splitting an axis: always a view
         return out
 
-    def _forward_flat(self, x, w, g, dt, y):
+    def _forward_flat(self, x, w, g, dt, y, first=False):
         """y[...] = conv(x, w) for a stride-1 geometry, one sample at a time.
 
         Channels-last inside: columns (width, K*Cx/G) @ weight (K*Cx/G, Cy/G), the
-        orientation BLAS runs fastest when channel counts are small.
+        orientation BLAS runs fastest when channel counts are small; ``first`` takes
+        the channels-first twin (faster for some grouped and wide shapes: measured).
         """
         pitch, length, block = self._flat_layout(g, dt)
         cg, yg = g.x_channels // g.groups, g.y_channels // g.groups
@@ -271,6 +275,8 @@ class CPUEngine:
             xv = np.asarray(x, dtype=dt).reshape(g.batch, g.groups, cg, -1)
             np.matmul(wm, xv, out=y.reshape(g.batch, g.groups, yg, -1))
             return y
+        if first:
+            return self._forward_flat_first(x, w, g, dt, y)
         wl = _weight_last(w, g, dt)                                    # (G, K*Cx/G, Cy/G)
         full = np.empty((g.groups, length, yg), dtype=dt)              # y at padded pitch, channels-last
         buf = np.empty((g.groups, block, g.taps * cg), dtype=dt)
@@ -288,13 +294,15 @@ class CPUEngine:
             y[n].reshape((g.groups, yg) + g.y_size)[...] = valid
         return y
 
-    def _backward_weight_flat(self, x, gy, g, dt):
+    def _backward_weight_flat(self, x, gy, g, dt, first=False):
         pitch, length, block = self._flat_layout(g, dt)
         cg, yg = g.x_channels // g.groups, g.y_channels // g.groups
         if _pointwise(g):
             xv = np.asarray(x, dtype=dt).reshape(g.batch, g.groups, cg, -1)
             gyv = np.asarray(gy, dtype=dt).reshape(g.batch, g.groups, yg, -1)
             return np.matmul(gyv, np.swapaxes(xv, 2, 3)).sum(axis=0).reshape(g.w_shape)
+        if first:
+            return self._backward_weight_flat_first(x, gy, g, dt)
         gwl = np.zeros((g.groups, g.taps * cg, yg), dtype=dt)          # (G, K*Cx/G, Cy/G)
         full = np.zeros((g.groups, length, yg), dtype=dt)               # gy at padded pitch, zero between rows
         buf = np.empty((g.groups, block, g.taps * cg), dtype=dt)
@@ -313,6 +321,57 @@ class CPUEngine:
         v = gwl.reshape((g.groups,) + g.kernel + (cg, yg))
         order = (0, g.nd + 2, g.nd + 1) + tuple(range(1, g.nd + 1))
         return np.ascontiguousarray(v.transpose(order)).reshape(g.w_shape)
+
+    def _flat_cols_first(self, flat, g, pitch, q0, width, buf):
+        """Columns q0:q0+width of one padded sample (Cx, prod(need)) into buf (G, Cx/G*K, width)."""
+        cg = g.x_channels // g.groups
+        item = flat.itemsize
+        view = as_strided(flat[:, q0:], shape=(g.groups, cg) + g.kernel + (width,),
+                          strides=(cg * flat.strides[0], flat.strides[0])
+                          + tuple(d * p * item for d, p in zip(g.dilation, pitch)) + (item,),
+                          writeable=False)
+        out = buf[..., :width]
+        np.copyto(out.reshape(view.shape), view)   # splitting an axis: always a view
+        return out
+
+    def _forward_flat_first(self, x, w, g, dt, y):
+        """As :meth:`_forward_flat`, channels-first: weight (Cy/G, K*Cx/G) @ columns (K*Cx/G, width)."""
+        pitch, length, block = self._flat_layout(g, dt)
+        cg, yg = g.x_channels // g.groups, g.y_channels // g.groups
+        wm = _weight_matrix(w, g, dt)                                  # (G, Cy/G, Cx/G*K)
+        full = np.empty((g.groups, yg, length), dtype=dt)              # y at padded pitch
+        buf = np.empty((g.groups, cg * g.taps, block), dtype=dt)
+        item = full.itemsize
+        valid = as_strided(full, shape=(g.y_channels,) + g.y_size,
+                           strides=(length * item,) + tuple(p * item for p in pitch), writeable=False)
+        for n in range(g.batch):
+            flat = self._padded(x, g, n, n + 1, 0, g.y_size[0], dt).reshape(g.x_channels, -1)
+            self._note(flat, full, buf)
+            for q0 in range(0, length, block):
+                width = min(block, length - q0)
+                cols = self._flat_cols_first(flat, g, pitch, q0, width, buf)
+                np.matmul(wm, cols, out=full[:, :, q0:q0 + width])
+            y[n] = valid
+        return y
+
+    def _backward_weight_flat_first(self, x, gy, g, dt):
+        pitch, length, block = self._flat_layout(g, dt)
+        cg, yg = g.x_channels // g.groups, g.y_channels // g.groups
+        gw = np.zeros((g.groups, yg, cg * g.taps), dtype=dt)
+        full = np.zeros((g.groups, yg, length), dtype=dt)               # gy at padded pitch, zero between rows
+        buf = np.empty((g.groups, cg * g.taps, block), dtype=dt)
+        item = full.itemsize
+        rows = as_strided(full, shape=(g.y_channels,) + g.y_size,
+                          strides=(length * item,) + tuple(p * item for p in pitch))
+        for n in range(g.batch):
+            flat = self._padded(x, g, n, n + 1, 0, g.y_size[0], dt).reshape(g.x_channels, -1)
+            self._note(flat, full, buf)
+            rows[...] = gy[n]
+            for q0 in range(0, length, block):
+                width = min(block, length - q0)
+                cols = self._flat_cols_first(flat, g, pitch, q0, width, buf)
+                gw += np.matmul(full[:, :, q0:q0 + width], np.swapaxes(cols, 1, 2))
+        return gw.reshape(g.w_shape)
 
     # ------------------------------------------------------------ depthwise: compiled loops
 
