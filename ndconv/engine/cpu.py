@@ -568,7 +568,7 @@ def _context():
     threads = dw.numba.get_num_threads() if dw.AVAILABLE else None
     return {"engine": "cpu", "machine": platform.machine(), "processor": cpu_model(),
             "cores": os.cpu_count(), "numba_threads": threads, "numpy": np.__version__,
-            "ndconv": __version__}
+            "ndconv": __version__, "algorithms": list(CPUEngine.algorithms)}
 
 
 def cpu_model():
