@@ -24,15 +24,12 @@ Kernels:
 
 WGRAD_THREADS = 256
 
-_TEMPLATE = r"""
-#define ND __ND__
-#define IS_HALF __IS_HALF__
-#define WG_THREADS __WG_THREADS__
-typedef long long i64;
-typedef __STORAGE__ T;
-typedef __ACC__ ACC;
-
-#if IS_HALF
+# Loads and stores of the storage type T in the accumulation type ACC: float16 goes
+# through PTX conversions (no cuda_fp16.h needed); NDCONV_EMULATE swaps in host
+# versions so the kernels can be checked with a C++ compiler.
+_HALF_IO = r"""#ifdef NDCONV_EMULATE
+#include "emulate_half.h"
+#elif IS_HALF
 __device__ __forceinline__ ACC ld(const T* p, i64 i) {
     float f;
     unsigned short h = p[i];
@@ -47,7 +44,17 @@ __device__ __forceinline__ void st(T* p, i64 i, ACC v) {
 #else
 __device__ __forceinline__ ACC ld(const T* p, i64 i) { return (ACC)p[i]; }
 __device__ __forceinline__ void st(T* p, i64 i, ACC v) { p[i] = (T)v; }
-#endif
+#endif"""
+
+_TEMPLATE = r"""
+#define ND __ND__
+#define IS_HALF __IS_HALF__
+#define WG_THREADS __WG_THREADS__
+typedef long long i64;
+typedef __STORAGE__ T;
+typedef __ACC__ ACC;
+
+__HALF_IO__
 
 struct Geo {
     i64 N, Cx, Cy, G;
@@ -359,7 +366,7 @@ def source(nd, dtype_name):
         storage, acc, is_half = _TYPES[dtype_name]
     except KeyError:
         raise ValueError(f"dtype must be float16, float32 or float64, got dtype={dtype_name!r}") from None
-    return (_TEMPLATE.replace("__ND__", str(nd)).replace("__IS_HALF__", str(is_half))
+    return (_TEMPLATE.replace("__HALF_IO__", _HALF_IO).replace("__ND__", str(nd)).replace("__IS_HALF__", str(is_half))
             .replace("__WG_THREADS__", str(WGRAD_THREADS))
             .replace("__STORAGE__", storage).replace("__ACC__", acc))
 
@@ -399,24 +406,7 @@ typedef __STORAGE__ T;
 typedef __ACC__ ACC;
 typedef __VEC_T__ VT;
 
-#ifdef NDCONV_EMULATE
-#include "emulate_half.h"
-#elif IS_HALF
-__device__ __forceinline__ ACC ld(const T* p, i64 i) {
-    float f;
-    unsigned short h = p[i];
-    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
-    return f;
-}
-__device__ __forceinline__ void st(T* p, i64 i, ACC v) {
-    unsigned short h;
-    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(v));
-    p[i] = h;
-}
-#else
-__device__ __forceinline__ ACC ld(const T* p, i64 i) { return (ACC)p[i]; }
-__device__ __forceinline__ void st(T* p, i64 i, ACC v) { p[i] = (T)v; }
-#endif
+__HALF_IO__
 
 #define KZ __KZ__
 #define KY __KY__
@@ -732,7 +722,7 @@ def tiled_source(dtype_name, kernel, stride, dilation, bx, by, vx, vec, use_wind
         subs[f"__K{axis}__"] = kernel[i]
         subs[f"__S{axis}__"] = stride[i]
         subs[f"__D{axis}__"] = dilation[i]
-    src = _TILED_TEMPLATE
+    src = _TILED_TEMPLATE.replace("__HALF_IO__", _HALF_IO)
     for key, value in subs.items():
         src = src.replace(key, str(value))
     return src
