@@ -397,8 +397,8 @@ class CPUEngine:
             offsets, plane = self._flat_plan(g)
             wk = np.ascontiguousarray(w, dtype=dt).reshape(g.y_channels, -1)
             xc = np.ascontiguousarray(x, dtype=dt)
-            dw.flat_forward(dw.as5d(xc, g.nd), wk, offsets, dw.as5d(y, g.nd), *plane,
-                            g.y_channels // g.groups)
+            dw.flat_taps(dw.as5d(xc, g.nd), wk, offsets, dw.as5d(y, g.nd), *plane,
+                         g.y_channels // g.groups, False)
             return y
         for n0, n1 in self._batches(g, dt):
             xp = self._padded(x, g, n0, n1, 0, g.y_size[0], dt)
@@ -417,8 +417,8 @@ class CPUEngine:
             flipped = np.ascontiguousarray(
                 np.asarray(w, dtype=dt)[(slice(None), 0) + (slice(None, None, -1),) * g.nd]).reshape(g.y_channels, -1)
             gyc = np.ascontiguousarray(gy, dtype=dt)
-            dw.flat_backward_input(dw.as5d(gyc, g.nd), flipped, offsets, dw.as5d(gx, g.nd), *plane,
-                                   g.y_channels // g.groups)
+            dw.flat_taps(dw.as5d(gyc, g.nd), flipped, offsets, dw.as5d(gx, g.nd), *plane,
+                         g.y_channels // g.groups, True)
             return gx
         for n0, n1 in self._batches(g, dt):
             buf = np.zeros((n1 - n0, g.x_channels) + need_extent(g), dtype=dt)

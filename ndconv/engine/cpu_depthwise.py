@@ -230,34 +230,23 @@ if AVAILABLE:
             t += 1
 
     @njit(parallel=True, fastmath=True, cache=True)
-    def flat_forward(x, w, offsets, y, lo0, lo1, lo2, p0_, p1_, p2_, mult):
-        # x (N, Cx, X0, X1, X2); w (Cy, K); y (N, Cy, O0, O1, O2)
-        n_, cy = y.shape[0], y.shape[1]
-        length = ((y.shape[2] - 1) * p1_ + y.shape[3] - 1) * p2_ + y.shape[4]
-        for job in prange(n_ * cy):
-            n = job // cy
-            co = job % cy
-            plane = np.empty(p0_ * p1_ * p2_, dtype=y.dtype)
-            acc = np.zeros(length, dtype=y.dtype)
-            _load_plane(x[n, co // mult], plane, lo0, lo1, lo2, p0_, p1_, p2_)
-            _taps(plane, w[co], offsets, acc, length)
-            _store_plane(acc, y[n, co], p1_ * p2_, p2_)
-
-    @njit(parallel=True, fastmath=True, cache=True)
-    def flat_backward_input(gy, w, offsets, gx, lo0, lo1, lo2, p0_, p1_, p2_, mult):
-        # gy (N, Cy, ...) read with the complementary padding; w (Cy, K) flipped;
-        # gx (N, Cx, X0, X1, X2): channel c sums its mult output channels.
-        n_, cx = gx.shape[0], gx.shape[1]
-        length = ((gx.shape[2] - 1) * p1_ + gx.shape[3] - 1) * p2_ + gx.shape[4]
-        for job in prange(n_ * cx):
-            n = job // cx
-            c = job % cx
-            plane = np.empty(p0_ * p1_ * p2_, dtype=gx.dtype)
-            acc = np.zeros(length, dtype=gx.dtype)
-            for m in range(mult):
-                _load_plane(gy[n, c * mult + m], plane, lo0, lo1, lo2, p0_, p1_, p2_)
-                _taps(plane, w[c * mult + m], offsets, acc, length)
-            _store_plane(acc, gx[n, c], p1_ * p2_, p2_)
+    def flat_taps(src, w, offsets, out, lo0, lo1, lo2, p0_, p1_, p2_, mult, gather):
+        # out (N, C_out, O0, O1, O2) from padded planes of src (N, C_src, ...) and w (Cy, K).
+        # Forward (gather False): out channel j reads src channel j // mult with w[j].
+        # Input gradient (gather True, w flipped, src = gy with the complementary padding):
+        # out channel c sums src channels c*mult + m with w[c*mult + m].
+        n_, cout = out.shape[0], out.shape[1]
+        length = ((out.shape[2] - 1) * p1_ + out.shape[3] - 1) * p2_ + out.shape[4]
+        for job in prange(n_ * cout):
+            n = job // cout
+            j = job % cout
+            plane = np.empty(p0_ * p1_ * p2_, dtype=out.dtype)
+            acc = np.zeros(length, dtype=out.dtype)
+            for m in range(mult if gather else 1):
+                row = j * mult + m if gather else j
+                _load_plane(src[n, row if gather else j // mult], plane, lo0, lo1, lo2, p0_, p1_, p2_)
+                _taps(plane, w[row], offsets, acc, length)
+            _store_plane(acc, out[n, j], p1_ * p2_, p2_)
 
     @njit(parallel=True, fastmath=True, cache=True)
     def flat_backward_weight(x, gy, offsets, gw, lo0, lo1, lo2, p0_, p1_, p2_, mult):
