@@ -8,6 +8,8 @@ the roles of ``x`` and ``y`` swapped.
 """
 from __future__ import annotations
 
+import numpy as np
+
 from . import padding as _pad
 from .engine import array_module, get_engine
 from .geometry import conv_geometry, conv_transpose_geometry
@@ -16,6 +18,7 @@ __all__ = ["conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d",
            "conv_nd", "conv_transpose_nd", "conv_backward"]
 
 _FLOAT_DTYPES = ("float16", "float32", "float64")
+_FLOATS = frozenset(np.dtype(n) for n in _FLOAT_DTYPES)
 
 
 def _check_arrays(op, input, weight, bias=None):
@@ -25,7 +28,7 @@ def _check_arrays(op, input, weight, bias=None):
             continue
         if not hasattr(a, "shape") or not hasattr(a, "dtype"):
             raise TypeError(f"{op}: {name} must be a NumPy or CuPy array, got {type(a).__name__}")
-        if str(a.dtype) not in _FLOAT_DTYPES:
+        if a.dtype not in _FLOATS:
             raise TypeError(f"{op}: {name} must be float16, float32 or float64, got {name}.dtype={a.dtype}")
     if input.dtype != weight.dtype or (bias is not None and bias.dtype != input.dtype):
         raise TypeError(f"{op}: input, weight and bias must have the same dtype, got input {input.dtype}, "

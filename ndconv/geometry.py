@@ -224,6 +224,49 @@ def _common_arguments(input_shape, weight_shape, groups, stride, dilation, data_
             int_tuple(dilation, nd, "dilation", 1))
 
 
+_LIST = object()     # marks a list in a memo key, so [1, 2] and (1, 2) stay apart
+
+
+def _memo_key(v):
+    """``v`` as a hashable key that never equates values the checks treat differently
+    (``True``/``1.0``/``np.int64(1)`` against ``1``): plain ints, strings and None only."""
+    t = type(v)
+    if t is int or t is str or v is None:
+        return v
+    if t is tuple or t is list:
+        inner = tuple(_memo_key(e) for e in v)
+        return (_LIST,) + inner if t is list else inner
+    raise TypeError("not memoizable")
+
+
+def _memoized(parse):
+    """Remember the results of a geometry parser by its arguments.
+
+    Layers call the same few geometries over and over; on a GPU the checks would
+    otherwise cost as much as a small convolution.  Only successful results are
+    kept, so every bad call still raises its own error; arguments of other types
+    than int, str, None and their tuples or lists skip the memo.
+    """
+    memo = {}
+
+    def parsed(*args, **kwargs):
+        try:
+            key = (_memo_key(args), _memo_key(tuple(sorted(kwargs.items()))))
+        except TypeError:
+            return parse(*args, **kwargs)
+        out = memo.get(key)
+        if out is None:
+            out = parse(*args, **kwargs)
+            if len(memo) >= 4096:
+                memo.clear()
+            memo[key] = out
+        return out
+
+    parsed.__doc__, parsed.__name__, parsed.__wrapped__ = parse.__doc__, parse.__name__, parse
+    return parsed
+
+
+@_memoized
 def conv_geometry(input_shape, weight_shape, bias_shape=None, stride=1, padding=0, dilation=1,
                   groups=1, padding_mode="zeros", data_format=None, op="conv"):
     """Geometry of ``conv(input, weight)``; raises on every bad argument before any work."""
@@ -271,6 +314,7 @@ def transposed_size_range(y_size, kernel, stride, dilation, lo, hi):
     return smallest, tuple(m + s - 1 for m, s in zip(smallest, stride))
 
 
+@_memoized
 def conv_transpose_geometry(input_shape, weight_shape, bias_shape=None, stride=1, padding=0,
                             output_padding=0, groups=1, dilation=1, output_size=None,
                             data_format=None, op="conv_transpose"):

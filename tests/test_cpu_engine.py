@@ -3,7 +3,8 @@ import numpy as np
 import pytest
 
 import ndconv
-from ndconv.engine.cpu import CPUEngine, _phase_waste
+from ndconv.engine.cpu import CPUEngine
+from ndconv.engine.phases import waste as _phase_waste
 
 rng = np.random.default_rng(7)
 

@@ -268,7 +268,7 @@ def test_float32_against_torch_float32(tcuda, gpu, alg):
     if alg == "cudnn" and not cudnn.available():
         pytest.skip(f"cuDNN is not installed: {cudnn.load_error()}")
     case = dict(kind="conv", x=(4, 8, 12, 12), w=(8, 1, 3, 3), padding=1, groups=8)
-    if alg in ("im2col_gemm", "cudnn"):
+    if alg in ("im2col_gemm", "cudnn", "phases"):
         case = dict(kind="conv", x=(4, 8, 12, 12), w=(6, 4, 3, 3), stride=2, padding=1, groups=2)
     g, x, w, b, gy = case_arrays(case, 7, "float32")
     with gpu.force(None, alg):
@@ -585,6 +585,37 @@ def test_heuristic_and_forcing(gpu):
     with gpu.force(None, "im2col_gemm"):
         F.conv2d(x, w, padding=1, groups=4)
     assert gpu.last_algorithm["forward"] == "im2col_gemm"
+
+
+PHASE_CASES = [
+    dict(kind="deconv", x=(2, 16, 8, 8), w=(16, 8, 2, 2), stride=2),                    # k = s: a GEMM
+    dict(kind="deconv", x=(2, 8, 5, 6, 4), w=(8, 4, 4, 4, 4), stride=2, padding=1),     # k4 s2 p1, 3-D
+    dict(kind="deconv", x=(2, 8, 9), w=(8, 3, 8), stride=4, padding=2, output_padding=3, groups=2),
+    dict(kind="conv", x=(2, 6, 13, 11), w=(4, 6, 4, 2), stride=2, padding=(1, 0)),
+]
+
+
+@pytest.mark.parametrize("dtype", ("float32", "float16"))
+@pytest.mark.parametrize("case", PHASE_CASES, ids=lambda c: f"{c['kind']}-{len(c['x']) - 2}d")
+def test_phases_vs_torch(tcuda, gpu, case, dtype):
+    """The phase form forced on the outer call; its stride-1 call is the engine's own choice."""
+    g, x, w, b, gy = case_arrays(case, 11, dtype)
+    with gpu.force(None, "phases"):
+        got = run_ndconv(case, *(cp.asarray(a) for a in (x, w, b, gy)))
+        assert set(gpu.last_algorithm.values()) == {"phases"}
+    ref = torch_reference(tcuda, case, x, w, b, gy)
+    for what, a, r in zip(("output", "grad_input", "grad_weight", "grad_bias"), got, ref):
+        assert a.dtype == np.dtype(dtype), what
+        assert relerr(a, r) < TOL[dtype], (what, relerr(a, r))
+
+
+def test_phases_is_the_untuned_choice_for_k_multiple_of_s_transposed():
+    eng = GPUEngine()
+    k4s2 = conv_transpose_geometry((2, 8, 6, 6), (8, 4, 4, 4), None, 2, 1)[0]
+    k3s2 = conv_transpose_geometry((2, 8, 6, 6), (8, 4, 3, 3), None, 2, 1)[0]
+    assert eng.choose("backward_input", k4s2, np.float32).name == "phases"
+    assert eng.choose("backward_input", k3s2, np.float32).name != "phases"     # 16/9 waste: cuDNN's
+    assert eng.choose("forward", k4s2, np.float32).name != "phases"
 
 
 def test_optimize_caches_a_choice():

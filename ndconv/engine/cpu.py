@@ -34,6 +34,7 @@ from numpy.lib.stride_tricks import as_strided
 
 from . import autotune
 from . import cpu_depthwise as dw
+from . import phases
 
 DEFAULT_WORKSPACE = 256 << 20
 OPS = ("forward", "backward_input", "backward_weight")
@@ -79,11 +80,11 @@ class CPUEngine:
         if algorithm == "depthwise":
             return dw.AVAILABLE and g.x_channels == g.groups and g.groups > 1 and one
         if algorithm in ("flat", "flat_cf"):
-            if op == "backward_input" and _unit_stride(g):
+            if op == "backward_input" and phases.unit_stride(g):
                 # the flipped kernel needs non-negative complementary padding
                 if any(lo > d * (k - 1) for lo, d, k in zip(g.pad_lo, g.dilation, g.kernel)):
                     return False
-            return _phase_waste(g) <= self.max_phase_waste and one
+            return phases.waste(g) <= self.max_phase_waste and one
         return algorithm == "im2col"
 
     def choose(self, op, g, dtype):
@@ -184,7 +185,7 @@ class CPUEngine:
         algorithm = self.choose("backward_input", g, dt)
         if algorithm == "depthwise":
             self._backward_input_depthwise(gy, w, g, dt, gx)
-        elif algorithm in ("flat", "flat_cf") and _unit_stride(g):
+        elif algorithm in ("flat", "flat_cf") and phases.unit_stride(g):
             # The input gradient is a forward convolution of gy with the flipped,
             # group-transposed kernel and the complementary padding.
             g2 = replace(g, x_channels=g.y_channels, y_channels=g.x_channels, x_size=g.y_size,
@@ -197,14 +198,13 @@ class CPUEngine:
         elif algorithm in ("flat", "flat_cf"):
             # Each output phase r of x is a stride-1 "full" convolution of gy with the
             # taps k*d = q*s + r; all phases come out of one GEMM, then interleave.
-            wp, gp, q = _phase_weight_transposed(w, g, dt)
+            wp, gp = phases.weight_transposed(np, w, g, dt), phases.geometry(g, transposed=True)
             for n0, n1 in self._batches(g, dt):
                 nb = n1 - n0
-                phases = np.empty((nb, gp.y_channels) + gp.y_size, dtype=dt)
-                self._forward_flat(gy[n0:n1], wp, gp.with_batch(nb), dt, phases, first=algorithm == "flat_cf")
-                buf = _depth_to_space(phases, g, gp.y_size)       # (nb, Cx, *s*M), padded coords
-                self._note(phases, buf)
-                _add_unpadded(buf, gx, g, n0, n1, 0)
+                out = np.empty((nb, gp.y_channels) + gp.y_size, dtype=dt)
+                self._forward_flat(gy[n0:n1], wp, gp.with_batch(nb), dt, out, first=algorithm == "flat_cf")
+                gx[n0:n1] = phases.depth_to_space(np, out, g.with_batch(nb))
+                self._note(out, gx[n0:n1])
         else:
             self._backward_input_im2col(gy, w, g, dt, gx)
         return gx.astype(gy.dtype, copy=False)
@@ -222,7 +222,8 @@ class CPUEngine:
                 xs, _, gs = _to_unit_stride(x[n0:n1], None, g.with_batch(n1 - n0), dt)
                 part = self._backward_weight_flat(xs, gy[n0:n1], gs, dt, first=algorithm == "flat_cf")
                 gw = part if gw is None else gw + part
-            gw = _phase_weight_gather(gw, g)
+            if not phases.unit_stride(g):
+                gw = phases.weight_gather(np, gw, g)
         else:
             gw = self._backward_weight_im2col(x, gy, g, dt)
         return gw.astype(x.dtype, copy=False)
@@ -242,7 +243,7 @@ class CPUEngine:
         """Sample n zero-padded and channels-last, flattened: (prod(need), Cx)."""
         need = need_extent(g)
         buf = np.zeros(need + (g.x_channels,), dtype=dt)
-        _copy_unpadded(np.moveaxis(x[n:n + 1], 1, -1), buf[None], g.pad_lo, 0, channels_last=True)
+        phases.copy_unpadded(np.moveaxis(x[n:n + 1], 1, -1), buf[None], g.pad_lo, 0, channels_last=True)
         return buf.reshape(-1, g.x_channels)
 
     def _flat_cols(self, flat, g, pitch, q0, width, buf):
@@ -393,7 +394,7 @@ class CPUEngine:
 
     def _forward_depthwise(self, x, w, g, dt):
         y = np.empty(g.y_shape, dtype=dt)
-        if _unit_stride(g):
+        if phases.unit_stride(g):
             offsets, plane = self._flat_plan(g)
             wk = np.ascontiguousarray(w, dtype=dt).reshape(g.y_channels, -1)
             xc = np.ascontiguousarray(x, dtype=dt)
@@ -408,7 +409,7 @@ class CPUEngine:
         return y
 
     def _backward_input_depthwise(self, gy, w, g, dt, gx):
-        if _unit_stride(g) and all(lo <= d * (k - 1) for lo, d, k in zip(g.pad_lo, g.dilation, g.kernel)):
+        if phases.unit_stride(g) and all(lo <= d * (k - 1) for lo, d, k in zip(g.pad_lo, g.dilation, g.kernel)):
             # as for dense kernels: a forward pass over gy with the flipped kernel
             g2 = replace(g, x_channels=g.y_channels, y_channels=g.x_channels, x_size=g.y_size,
                          y_size=g.x_size, pad_hi=(0,) * g.nd,
@@ -426,11 +427,11 @@ class CPUEngine:
             self._note(buf, gyc)
             dw.backward_input(dw.as5d(gyc, g.nd), self._kernel5(w, g, dt), dw.as5d(buf, g.nd),
                               *self._depthwise_args(g))
-            _add_unpadded(buf, gx, g, n0, n1, 0)
+            phases.add_unpadded(buf, gx, g, n0, n1, 0)
         return gx
 
     def _backward_weight_depthwise(self, x, gy, g, dt):
-        if _unit_stride(g):
+        if phases.unit_stride(g):
             offsets, plane = self._flat_plan(g)
             gw = np.empty((g.y_channels, g.taps), dtype=dt)
             dw.flat_backward_weight(dw.as5d(np.ascontiguousarray(x, dtype=dt), g.nd),
@@ -505,7 +506,7 @@ class CPUEngine:
             window = tuple(slice(t * d, t * d + (o - 1) * s + 1, s)
                            for t, d, s, o in zip(tap, g.dilation, g.stride, out))
             grouped[(Ellipsis,) + window] += taps[(slice(None),) * 3 + tap]
-        _add_unpadded(buf, gx, g, n0, n1, a * g.stride[0])
+        phases.add_unpadded(buf, gx, g, n0, n1, a * g.stride[0])
 
     # ------------------------------------------------------------ shared helpers
 
@@ -514,13 +515,13 @@ class CPUEngine:
         need = need_extent(g)
         rows = (b - a - 1) * g.stride[0] + g.dilation[0] * (g.kernel[0] - 1) + 1
         buf = np.zeros((n1 - n0, g.x_channels, rows) + need[1:], dtype=dt)
-        _copy_unpadded(x[n0:n1], buf, g.pad_lo, a * g.stride[0])
+        phases.copy_unpadded(x[n0:n1], buf, g.pad_lo, a * g.stride[0])
         return buf
 
     def _sample_bytes(self, g, itemsize):
         """A bound on one sample's temporaries in the flat and depthwise paths."""
         _, length, block = self._flat_layout(g, np.dtype(f"f{itemsize}"))
-        return math.ceil(itemsize * (2 * _phase_waste(g) * g.x_channels * math.prod(need_extent(g))
+        return math.ceil(itemsize * (2 * phases.waste(g) * g.x_channels * math.prod(need_extent(g))
                                      + 2 * g.y_channels * (math.prod(g.y_size) + length)
                                      + g.x_channels * g.taps * block))
 
@@ -582,154 +583,21 @@ def cpu_model():
     return platform.processor() or platform.machine()
 
 
-# ---------------------------------------------------------------- padding and layout helpers
-
-def _overlap(size, lo, start, extent):
-    """Buffer range [r0, r1) of a padded-coordinate buffer (first element at padded
-    coordinate ``start``) that holds real positions of an axis of ``size``."""
-    r0 = max(0, lo - start)
-    r1 = min(extent, size + lo - start)
-    return r0, r1, r0 + start - lo
-
-
-def _copy_unpadded(x, buf, pad_lo, start0, channels_last=False):
-    """Copy x (nb, C, *size) into a zeroed padded-coordinate buffer (nb, C, *extent);
-    with ``channels_last`` both are (nb, *spatial, C)."""
-    dst, src = [slice(None)] * (1 if channels_last else 2), [slice(None)] * (1 if channels_last else 2)
-    spatial = slice(1, -1) if channels_last else slice(2, None)
-    for i, (size, lo, extent) in enumerate(zip(x.shape[spatial], pad_lo, buf.shape[spatial])):
-        r0, r1, s0 = _overlap(size, lo, start0 if i == 0 else 0, extent)
-        if r1 <= r0:
-            return
-        dst.append(slice(r0, r1))
-        src.append(slice(s0, s0 + r1 - r0))
-    buf[tuple(dst)] = x[tuple(src)]
-
-
-def _add_unpadded(buf, gx, g, n0, n1, start0):
-    """Add the part of a padded-coordinate buffer (nb, Cx, *extent) that lies inside x.
-
-    Padding, and any tail of x that no window reaches, get nothing.
-    """
-    dst, src = [slice(n0, n1), slice(None)], [slice(None), slice(None)]
-    for i, (size, lo, extent) in enumerate(zip(g.x_size, g.pad_lo, buf.shape[2:])):
-        r0, r1, s0 = _overlap(size, lo, start0 if i == 0 else 0, extent)
-        if r1 <= r0:
-            return
-        src.append(slice(r0, r1))
-        dst.append(slice(s0, s0 + r1 - r0))
-    gx[tuple(dst)] += buf[tuple(src)]
-
-
 def _pointwise(g):
     """A 1x1 stride-1 convolution without padding: y = w @ x per sample."""
-    return g.taps == 1 and _unit_stride(g) and not any(g.pad_lo) and g.y_size == g.x_size
+    return g.taps == 1 and phases.unit_stride(g) and not any(g.pad_lo) and g.y_size == g.x_size
 
 
-def _unit_stride(g):
-    return all(s == 1 for s in g.stride)
 
 
 # ---------------------------------------------------------------- phases (strides through stride 1)
 
-def _phase_taps(g):
-    """Per dim: each tap's phase r and offset q (k*d = q*s + r), and the taps per phase Q."""
-    r = [[(k * d) % s for k in range(n)] for n, d, s in zip(g.kernel, g.dilation, g.stride)]
-    q = [[(k * d) // s for k in range(n)] for n, d, s in zip(g.kernel, g.dilation, g.stride)]
-    extent = tuple(d * (n - 1) // s + 1 for n, d, s in zip(g.kernel, g.dilation, g.stride))
-    return r, q, extent
-
-
-def _phase_waste(g):
-    """Multiply-adds of the phase form over the real ones (taps a phase lacks are zeros)."""
-    if _unit_stride(g):
-        return 1.0
-    _, _, extent = _phase_taps(g)
-    return math.prod(s * e for s, e in zip(g.stride, extent)) / g.taps
-
-
-def _phase_geometry(g, extent, transposed):
-    phases = math.prod(g.stride)
-    grid = tuple(o - 1 + e for o, e in zip(g.y_size, extent))       # M = Y - 1 + Q per dim
-    ones, zeros = (1,) * g.nd, (0,) * g.nd
-    if transposed:   # x := gy (Cy), y := phases of x (G, S, Cx/G), full padding Q-1 on each side
-        return replace(g, x_channels=g.y_channels, y_channels=g.x_channels * phases,
-                                x_size=g.y_size, y_size=grid, kernel=extent, stride=ones, dilation=ones,
-                                pad_lo=tuple(e - 1 for e in extent), pad_hi=tuple(e - 1 for e in extent))
-    return replace(g, x_channels=g.x_channels * phases, y_channels=g.y_channels, x_size=grid,
-                            y_size=g.y_size, kernel=extent, stride=ones, dilation=ones, pad_lo=zeros,
-                            pad_hi=zeros)
-
-
 def _to_unit_stride(x, w, g, dt):
     """(x, w, g) of a strided convolution -> the stride-1 convolution over its phases."""
-    if _unit_stride(g):
+    if phases.unit_stride(g):
         return x, w, g
-    r, q, extent = _phase_taps(g)
-    gs = _phase_geometry(g, extent, transposed=False)
-    # Space-to-depth: phase (r0, r1, ..) of the padded input, stacked per group as channels.
-    grid = gs.x_size
-    padded = np.zeros((g.batch, g.x_channels) + tuple(s * m for s, m in zip(g.stride, grid)), dtype=dt)
-    _copy_unpadded(x, padded, g.pad_lo, 0)
-    cg = g.x_channels // g.groups
-    split = (g.batch, g.groups, cg) + tuple(v for m, s in zip(grid, g.stride) for v in (m, s))
-    order = ((0, 1) + tuple(4 + 2 * i for i in range(g.nd)) + (2,)
-             + tuple(3 + 2 * i for i in range(g.nd)))
-    xs = padded.reshape(split).transpose(order).reshape((g.batch, gs.x_channels) + grid)
-    ws = None
-    if w is not None:
-        # ws[cy, (r, c), q] = w[cy, c, k] for the tap k with phase r and offset q; else 0.
-        ws = np.zeros((g.y_channels,) + g.stride + (cg,) + extent, dtype=dt)
-        wc = np.asarray(w, dtype=dt)
-        for tap in np.ndindex(*g.kernel):
-            ph = tuple(r[i][t] for i, t in enumerate(tap))
-            off = tuple(q[i][t] for i, t in enumerate(tap))
-            ws[(slice(None),) + ph + (slice(None),) + off] = wc[(slice(None), slice(None)) + tap]
-        ws = ws.reshape(gs.w_shape)
-    return np.ascontiguousarray(xs), ws, gs
-
-
-def _phase_weight_gather(gw, g):
-    """Weight gradient of the phase form back to the real taps."""
-    if _unit_stride(g):
-        return gw
-    r, q, extent = _phase_taps(g)
-    cg = g.x_channels // g.groups
-    gw = gw.reshape((g.y_channels,) + g.stride + (cg,) + extent)
-    out = np.empty(g.w_shape, dtype=gw.dtype)
-    for tap in np.ndindex(*g.kernel):
-        ph = tuple(r[i][t] for i, t in enumerate(tap))
-        off = tuple(q[i][t] for i, t in enumerate(tap))
-        out[(slice(None), slice(None)) + tap] = gw[(slice(None),) + ph + (slice(None),) + off]
-    return out
-
-
-def _phase_weight_transposed(w, g, dt):
-    """Kernel of the stride-1 convolution of gy whose output channels are x's phases.
-
-    Phase r of the padded x at m sums w_k^T gy[m - q_k] over taps with phase r; as a
-    stride-1 correlation over gy padded by Q-1 that is tap j = Q-1-q_k.
-    """
-    r, q, extent = _phase_taps(g)
-    gp = _phase_geometry(g, extent, transposed=True)
-    yg, cg = g.y_channels // g.groups, g.x_channels // g.groups
-    wt = np.swapaxes(np.asarray(w, dtype=dt).reshape((g.groups, yg, cg) + g.kernel), 1, 2)
-    wp = np.zeros((g.groups,) + g.stride + (cg, yg) + extent, dtype=dt)
-    for tap in np.ndindex(*g.kernel):
-        ph = tuple(r[i][t] for i, t in enumerate(tap))
-        j = tuple(e - 1 - q[i][t] for i, (t, e) in enumerate(zip(tap, extent)))
-        wp[(slice(None),) + ph + (slice(None), slice(None)) + j] = wt[(slice(None),) * 3 + tap]
-    return wp.reshape(gp.w_shape), gp, q
-
-
-def _depth_to_space(phases, g, grid):
-    """(nb, G*S*Cx/G, *M) phase outputs -> (nb, Cx, *s*M) in padded coordinates."""
-    nb, cg, nd = phases.shape[0], g.x_channels // g.groups, g.nd
-    v = phases.reshape((nb, g.groups) + g.stride + (cg,) + grid)
-    # axes: 0 n, 1 g, 2..2+nd phase r_i, 2+nd c, 3+nd.. grid m_i  ->  n, g, c, (m_0, r_0), (m_1, r_1), ..
-    order = (0, 1, 2 + nd) + tuple(a for i in range(nd) for a in (3 + nd + i, 2 + i))
-    return np.ascontiguousarray(v.transpose(order)).reshape(
-        (nb, g.x_channels) + tuple(m * s for m, s in zip(grid, g.stride)))
+    ws = None if w is None else phases.weight(np, w, g, dt)
+    return phases.space_to_depth(np, x, g, dt), ws, phases.geometry(g)
 
 
 def _flip_weight(w, g, dt):

@@ -246,12 +246,19 @@ class _Plan:
         _check(lib.cudnnSetConvolutionGroupCount(self.conv, g.groups), "cudnnSetConvolutionGroupCount")
         # float32: plain FMA math, never TF32; float16: tensor cores (float accumulation).
         self.math = _TENSOR_OP_MATH if self.dtype == np.float16 else _FMA_MATH
-        _check(lib.cudnnSetConvolutionMathType(self.conv, self.math), "cudnnSetConvolutionMathType")
+        self._math_set = None
+        self.set_math(self.math)
         self.algo = {}          # (op, deterministic, workspace limit) -> (algo, workspace bytes, math)
         if self.dtype == np.float64:
             self.alpha, self.beta = ctypes.c_double(1.0), ctypes.c_double(0.0)
         else:
             self.alpha, self.beta = ctypes.c_float(1.0), ctypes.c_float(0.0)
+        self.alpha_ref, self.beta_ref = ctypes.byref(self.alpha), ctypes.byref(self.beta)
+
+    def set_math(self, math_type):
+        if self._math_set != math_type:
+            _check(_lib.cudnnSetConvolutionMathType(self.conv, math_type), "cudnnSetConvolutionMathType")
+            self._math_set = math_type
 
     def __del__(self):
         lib = _lib
@@ -310,17 +317,20 @@ class Cudnn(Algorithm):
     # ------------------------------------------------------------------ run
 
     def _handle(self, cp):
-        dev = cp.cuda.Device().id
-        h = self._handles.get(dev)
-        if h is None:
+        dev = cp.cuda.runtime.getDevice()
+        entry = self._handles.get(dev)
+        if entry is None:
             h = ctypes.c_void_p()
             _check(_lib.cudnnCreate(ctypes.byref(h)), "cudnnCreate")
-            self._handles[dev] = h
-        _check(_lib.cudnnSetStream(h, ctypes.c_void_p(cp.cuda.get_current_stream().ptr)), "cudnnSetStream")
-        return h
+            entry = self._handles[dev] = [h, None]
+        stream = cp.cuda.get_current_stream().ptr
+        if entry[1] != stream:            # bind the handle to the caller's current stream
+            _check(_lib.cudnnSetStream(entry[0], ctypes.c_void_p(stream)), "cudnnSetStream")
+            entry[1] = stream
+        return entry[0]
 
     def _plan(self, cp, g, dtype):
-        key = (cp.cuda.Device().id, g, np.dtype(dtype).name)
+        key = (cp.cuda.runtime.getDevice(), g, np.dtype(dtype).name)
         plan = self._plans.get(key)
         if plan is None:
             if len(self._plans) > 512:
@@ -347,12 +357,14 @@ class Cudnn(Algorithm):
             ptr += [desc, ctypes.c_void_p(arr.data.ptr)]
         algo, ws_bytes, math_type = self._algorithm(engine, cp, handle, plan, op, g, ptr)
         # Each algorithm runs with the math type Find measured it with (else BAD_PARAM).
-        _check(_lib.cudnnSetConvolutionMathType(plan.conv, math_type), "cudnnSetConvolutionMathType")
-        ws = cp.empty(max(ws_bytes, 1), dtype=np.uint8)
-        engine._note(ws)
-        status = getattr(_lib, _RUN[op])(handle, ctypes.byref(plan.alpha), ptr[0], ptr[1], ptr[2], ptr[3],
-                                         plan.conv, algo, ctypes.c_void_p(ws.data.ptr), ws_bytes,
-                                         ctypes.byref(plan.beta), ptr[4], ptr[5])
+        plan.set_math(math_type)
+        ws = None
+        if ws_bytes:
+            ws = cp.empty(ws_bytes, dtype=np.uint8)
+            engine._note(ws)
+        status = getattr(_lib, _RUN[op])(handle, plan.alpha_ref, ptr[0], ptr[1], ptr[2], ptr[3],
+                                         plan.conv, algo, ctypes.c_void_p(ws.data.ptr if ws_bytes else None),
+                                         ws_bytes, plan.beta_ref, ptr[4], ptr[5])
         _check(status, _RUN[op])
         return out
 
@@ -374,7 +386,7 @@ class Cudnn(Algorithm):
         except cp.cuda.memory.OutOfMemoryError:
             ws_size = int(min(limit, 1 << 26))
             ws = cp.empty(ws_size, dtype=np.uint8)
-        _check(_lib.cudnnSetConvolutionMathType(plan.conv, plan.math), "cudnnSetConvolutionMathType")
+        plan.set_math(plan.math)
         _check(getattr(_lib, _FIND[op])(handle, ptr[0], ptr[1], ptr[2], ptr[3], plan.conv, ptr[4], ptr[5],
                                         _MAX_ALGOS, ctypes.byref(count), perf,
                                         ctypes.c_void_p(ws.data.ptr), ws_size), _FIND[op])

@@ -1,6 +1,8 @@
 """The CuPy engine: the three primitives on an NVIDIA GPU, through a registry of algorithms.
 
-Algorithms (in the order the engine tries them; ``cudnn`` first where installed):
+Algorithms (in the order the engine tries them; ``cudnn`` first where installed).
+``phases`` and ``space_to_batch`` rewrite a call and hand the rewritten call back to
+the engine, which picks (or tunes) the algorithm for it like for any other call.
 
 ``depthwise_tiled``
     Tiled kernels for ``Cx/G == 1`` (see :mod:`ndconv.engine.gpu_depthwise`): input
@@ -11,12 +13,20 @@ Algorithms (in the order the engine tries them; ``cudnn`` first where installed)
     to 3-D.  Forward and input gradient are gathers (one thread per output
     element); the weight gradient is a two-stage reduction: per-block partial sums
     to a buffer, then a fixed-order final sum.
+``phases``
+    Strided calls as stride-1 calls over the input's phases (:mod:`.phases`); the
+    untuned choice for strided transposed convolutions whose kernel is a multiple
+    of the stride (k = s is one GEMM and a depth-to-space copy).
+``space_to_batch``
+    Dilated stride-1 calls as one undilated call over the dilation phases stacked
+    into the batch.
 ``im2col_gemm``
     Any geometry.  An im2col kernel lays out the columns as ``(G, Cx/G*K, nb*P)``
     (one column per output position of the chunk), so each group is one large
     cuBLAS GEMM through ``cupy.matmul``; col2im is a gather kernel.  The work is
     split by batch, then by first output dim, so that the temporaries of one chunk
-    stay under ``workspace_limit``.
+    stay under ``workspace_limit``.  A 1x1 stride-1 call skips im2col: one batched
+    GEMM on x itself.
 
 Every algorithm is deterministic (no floating-point atomics), so the same inputs
 give bitwise-identical results on every run.  float16 is accumulated in float32.
@@ -30,7 +40,7 @@ import math
 import cupy as cp
 import numpy as np
 
-from . import autotune, gpu_kernels
+from . import autotune, gpu_kernels, phases
 from .cudnn import Cudnn
 from .cudnn import version as cudnn_version
 from .gpu_depthwise import DepthwiseTiled
@@ -54,7 +64,7 @@ _modules = {}
 
 
 def _kernel(nd, dtype, name):
-    key = (cp.cuda.Device().id, nd, np.dtype(dtype).name)
+    key = (cp.cuda.runtime.getDevice(), nd, np.dtype(dtype).name)
     mod = _modules.get(key)
     if mod is None:
         mod = cp.RawModule(code=gpu_kernels.source(nd, key[2]))
@@ -67,7 +77,7 @@ _params = {}
 
 def _geometry_params(g):
     """The geometry as a device int64 array (see gpu_kernels for the layout), cached."""
-    key = (cp.cuda.Device().id, g)
+    key = (cp.cuda.runtime.getDevice(), g)
     arr = _params.get(key)
     if arr is None:
         host = np.array((g.batch, g.x_channels, g.y_channels, g.groups) + tuple(g.x_size)
@@ -138,8 +148,11 @@ class Im2colGemm(Algorithm):
 
     def _forward(self, engine, x, w, g):
         dt = compute_dtype(x.dtype)
-        y = cp.empty(g.y_shape, dtype=x.dtype)
         wm = w.reshape(g.groups, g.y_channels // g.groups, -1).astype(dt, copy=False)
+        if pointwise(g):   # the columns are x itself: one batched GEMM, no im2col
+            xv = x.reshape(g.batch, g.groups, g.x_channels // g.groups, -1).astype(dt, copy=False)
+            return cp.matmul(wm, xv).astype(x.dtype, copy=False).reshape(g.y_shape)  # (N, G, Cy/G, P)
+        y = cp.empty(g.y_shape, dtype=x.dtype)
         for n0, n1, a, b in self._chunks(engine, g, dt.itemsize):
             cols = self._columns(x, g, n0, n1, a, b, dt)
             res = cp.matmul(wm, cols)                              # (G, Cy/G, nb*P)
@@ -154,6 +167,9 @@ class Im2colGemm(Algorithm):
         gx = cp.empty(g.x_shape, dtype=gy.dtype)
         wt = w.reshape(g.groups, g.y_channels // g.groups, -1).astype(dt, copy=False)
         wt = cp.ascontiguousarray(wt.transpose(0, 2, 1))          # (G, Cx/G*K, Cy/G)
+        if pointwise(g):
+            gyv = gy.reshape(g.batch, g.groups, g.y_channels // g.groups, -1).astype(dt, copy=False)
+            return cp.matmul(wt, gyv).astype(gy.dtype, copy=False).reshape(g.x_shape)  # (N, G, Cx/G, P)
         params = _geometry_params(g)
         buf = None
         for n0, n1, a, b in self._chunks(engine, g, dt.itemsize):
@@ -185,6 +201,12 @@ class Im2colGemm(Algorithm):
 
     def _backward_weight(self, engine, x, gy, g):
         dt = compute_dtype(x.dtype)
+        if pointwise(g):
+            # per sample (G, Cy/G, P) @ (G, P, Cx/G), summed over the batch in a fixed order
+            gyv = gy.reshape(g.batch, g.groups, g.y_channels // g.groups, -1).astype(dt, copy=False)
+            xv = x.reshape(g.batch, g.groups, g.x_channels // g.groups, -1).astype(dt, copy=False)
+            gw = cp.matmul(gyv, xv.transpose(0, 1, 3, 2)).sum(axis=0)
+            return gw.reshape(g.w_shape).astype(x.dtype, copy=False)
         gw = None
         for n0, n1, a, b in self._chunks(engine, g, dt.itemsize):
             cols = self._columns(x, g, n0, n1, a, b, dt)           # (G, Cx/G*K, nb*P)
@@ -238,10 +260,17 @@ class DepthwiseDirect(Algorithm):
         return gw
 
 
+def pointwise(g):
+    """A 1x1 stride-1 convolution without padding: y = w @ x per sample."""
+    return g.taps == 1 and phases.unit_stride(g) and not any(g.pad_lo) and g.y_size == g.x_size
+
+
 # Priority order = the heuristic for calls nobody tuned: the direct depthwise kernels
 # where they apply, then cuDNN where it is installed, then the generic paths.
 ALGORITHMS = Registry()
 ALGORITHMS.register(Cudnn())
+ALGORITHMS.register(phases.Phases())
+ALGORITHMS.register(phases.SpaceToBatch())
 ALGORITHMS.register(DepthwiseTiled())
 ALGORITHMS.register(DepthwiseDirect())
 ALGORITHMS.register(Im2colGemm())
@@ -377,11 +406,15 @@ class GPUEngine:
 
     # ------------------------------------------------------------ algorithm choice
 
-    def choose(self, op, g, dtype):
-        """The algorithm this engine would use for ``op`` on geometry ``g``."""
+    def choose(self, op, g, dtype, inner=False):
+        """The algorithm this engine would use for ``op`` on geometry ``g``.
+
+        ``inner``: the call is a part of another algorithm's (e.g. the stride-1 call
+        of ``phases``); a forced algorithm applies to the outer call only.
+        """
         check_op(op)
         dtype = np.dtype(dtype)
-        forced = self._forced.get(op)
+        forced = None if inner else self._forced.get(op)
         if forced is not None:
             alg = self.algorithms.get(forced)
             if not alg.supports(op, g, dtype):
@@ -404,13 +437,14 @@ class GPUEngine:
         if remembered is not None:
             self._tuned[key] = remembered.name
             return remembered
-        if self.autotune and len(candidates) > 1 and not self._forced:
+        if self.autotune and len(candidates) > 1 and (inner or not self._forced):
             self.optimize(g, dtype, ops=(op,))
             return self.algorithms.get(self._tuned[key])
         if len(self._untuned) > 4096:
             self._untuned.clear()
-        self._untuned[key] = candidates[0]
-        return candidates[0]
+        preferred = [a for a in candidates if a.preferred(op, g, dtype)]
+        found = self._untuned[key] = (preferred or candidates)[0]
+        return found
 
     @contextlib.contextmanager
     def force(self, op, name):
@@ -471,7 +505,7 @@ class GPUEngine:
                                  deterministic=self.deterministic, workspace_limit=self.workspace_limit)
 
     def _tuner_context(self):
-        return self.tuner, device_context(cp.cuda.Device().id)
+        return self.tuner, device_context(cp.cuda.runtime.getDevice())
 
     def _cached_choice(self, op, g, dtype, candidates):
         tuner, context = self._tuner_context()
@@ -483,12 +517,12 @@ class GPUEngine:
 
     # ------------------------------------------------------------ internals
 
-    def _run(self, op, a, b, g):
-        alg = self.choose(op, g, a.dtype)
+    def _run(self, op, a, b, g, inner=False):
+        alg = self.choose(op, g, a.dtype, inner)
         try:
             out = alg.run(self, op, a, b, g)
         except NotApplicable as e:
-            if self._forced.get(op) is not None:
+            if not inner and self._forced.get(op) is not None:
                 raise RuntimeError(f"forced algorithm {alg.name!r} cannot run {op} here: {e}") from e
             # Only found out at run time: remember the next candidate for this call.
             rest = self.algorithms.candidates(op, g, a.dtype, self.deterministic)
@@ -496,8 +530,9 @@ class GPUEngine:
             if not rest:
                 raise
             self._tuned[(op, g, a.dtype.name)] = rest[0].name
-            return self._run(op, a, b, g)
-        self.last_algorithm[op] = alg.name
+            return self._run(op, a, b, g, inner)
+        if not inner:
+            self.last_algorithm[op] = alg.name
         return out
 
     def _prepare(self, op, g, *named):

@@ -209,7 +209,7 @@ class DepthwiseTiled(Algorithm):
 
     def _function(self, dtype_name, launch, name):
         import cupy as cp
-        key = (cp.cuda.Device().id,) + module_key(dtype_name, launch)
+        key = (cp.cuda.runtime.getDevice(),) + module_key(dtype_name, launch)
         mod = self._modules.get(key)
         if mod is None:
             mod = cp.RawModule(code=module_source(key[1:]))

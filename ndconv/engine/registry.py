@@ -36,6 +36,10 @@ class Algorithm:
     def supports(self, op, g, dtype):  # pragma: no cover - interface
         raise NotImplementedError
 
+    def preferred(self, op, g, dtype):
+        """True when, untuned, this algorithm should beat the ones registered before it."""
+        return False
+
     def run(self, engine, op, a, b, g):  # pragma: no cover - interface
         """``op`` on contiguous arrays ``a, b`` (as the engine primitive takes them)."""
         raise NotImplementedError
