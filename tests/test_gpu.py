@@ -270,6 +270,8 @@ def test_float32_against_torch_float32(tcuda, gpu, alg):
     case = dict(kind="conv", x=(4, 8, 12, 12), w=(8, 1, 3, 3), padding=1, groups=8)
     if alg in ("im2col_gemm", "cudnn", "phases"):
         case = dict(kind="conv", x=(4, 8, 12, 12), w=(6, 4, 3, 3), stride=2, padding=1, groups=2)
+    if alg == "space_to_batch":
+        case = dict(kind="conv", x=(4, 8, 12, 12), w=(6, 4, 3, 3), dilation=(2, 3), padding=2, groups=2)
     g, x, w, b, gy = case_arrays(case, 7, "float32")
     with gpu.force(None, alg):
         got = run_ndconv(case, *(cp.asarray(a) for a in (x, w, b, gy)))
@@ -919,3 +921,29 @@ def test_deconv_module_on_gpu_matches_cpu(modules):
         m.setVar("W", Variable(to(w)))
         outs.append(host(m(to(data))))
     np.testing.assert_allclose(outs[0], outs[1], rtol=1e-5, atol=1e-4)
+
+
+# ====================================================================== cuBLAS strided-batched GEMM
+
+@pytest.mark.parametrize("dtype", ("float32", "float64", "float16"))
+def test_gpu_blas_matmul_layouts(dtype):
+    from ndconv.engine import gpu_blas
+    rng = np.random.default_rng(4)
+    tol = {"float32": 1e-5, "float64": 1e-12, "float16": 4e-3}[dtype]
+
+    def arr(*shape):
+        return cp.asarray(rng.standard_normal(shape).astype(dtype))
+
+    cases = [
+        (arr(3, 5, 7), arr(3, 7, 4)),                              # plain
+        (arr(1, 5, 7), arr(6, 7, 4)),                              # a broadcast over the batch
+        (arr(6, 5, 7), arr(1, 7, 4)),                              # b broadcast
+        (arr(3, 7, 5).transpose(0, 2, 1), arr(3, 4, 7).transpose(0, 2, 1)),   # both stored transposed
+        (arr(2, 5, 9)[:, :, 1:8], arr(2, 7, 4)),                   # rows with a gap: copied first
+        (arr(4, 1, 7), arr(4, 7, 1)),                              # vectors
+    ]
+    for a, b in cases:
+        got = gpu_blas.matmul(a, b)
+        want = np.matmul(host(a).astype(np.float64), host(b).astype(np.float64))
+        assert got.shape == want.shape and got.dtype == np.dtype(dtype)
+        assert relerr(host(got), want) < tol, (a.shape, a.strides, b.shape, b.strides)

@@ -81,7 +81,7 @@ def test_autotune_flag_tunes_on_first_call(tmp_path):
     x, w, y = (cp.asarray(a) for a in arrays(g, np.float32))
     ref = CPUEngine().forward(*(a.astype(np.float64) for a in arrays(g, np.float32)[:2]), g)
     out = eng.forward(x, w, g)
-    assert ("forward", g, "float32") in eng._tuned
+    assert ("forward", g, np.dtype(np.float32).char) in eng._tuned
     np.testing.assert_allclose(cp.asnumpy(out), ref, rtol=1e-4, atol=1e-4)
     n = eng.tuner.timings_run
     eng.forward(x, w, g)

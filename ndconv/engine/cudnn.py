@@ -330,7 +330,7 @@ class Cudnn(Algorithm):
         return entry[0]
 
     def _plan(self, cp, g, dtype):
-        key = (cp.cuda.runtime.getDevice(), g, np.dtype(dtype).name)
+        key = (cp.cuda.runtime.getDevice(), g, dtype.char)
         plan = self._plans.get(key)
         if plan is None:
             if len(self._plans) > 512:

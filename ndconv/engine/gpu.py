@@ -40,7 +40,7 @@ import math
 import cupy as cp
 import numpy as np
 
-from . import autotune, gpu_kernels, phases
+from . import autotune, gpu_blas, gpu_kernels, phases
 from .cudnn import Cudnn
 from .cudnn import version as cudnn_version
 from .gpu_depthwise import DepthwiseTiled
@@ -64,12 +64,15 @@ _modules = {}
 
 
 def _kernel(nd, dtype, name):
-    key = (cp.cuda.runtime.getDevice(), nd, np.dtype(dtype).name)
-    mod = _modules.get(key)
-    if mod is None:
-        mod = cp.RawModule(code=gpu_kernels.source(nd, key[2]))
-        _modules[key] = mod
-    return mod.get_function(name)
+    key = (cp.cuda.runtime.getDevice(), nd, dtype, name)
+    fn = _modules.get(key)
+    if fn is None:
+        mod_key = (key[0], nd, np.dtype(dtype).name)
+        mod = _modules.get(mod_key)
+        if mod is None:
+            mod = _modules[mod_key] = cp.RawModule(code=gpu_kernels.source(nd, mod_key[2]))
+        fn = _modules[key] = mod.get_function(name)
+    return fn
 
 
 _params = {}
@@ -107,6 +110,11 @@ class Im2colGemm(Algorithm):
 
     def supports(self, op, g, dtype):
         return op in OPS and g.nd in (1, 2, 3) and np.dtype(dtype).name in _FLOATS
+
+    def preferred(self, op, g, dtype):
+        # 1x1: plain GEMMs on the arrays themselves beat cuDNN's (measured on an H200:
+        # 0.31 against 0.84 ms for the weight gradient of a ResNet 1x1 layer).
+        return pointwise(g)
 
     def run(self, engine, op, a, b, g):
         return getattr(self, "_" + op)(engine, a, b, g)
@@ -151,11 +159,11 @@ class Im2colGemm(Algorithm):
         wm = w.reshape(g.groups, g.y_channels // g.groups, -1).astype(dt, copy=False)
         if pointwise(g):   # the columns are x itself: one batched GEMM, no im2col
             xv = x.reshape(g.batch, g.groups, g.x_channels // g.groups, -1).astype(dt, copy=False)
-            return cp.matmul(wm, xv).astype(x.dtype, copy=False).reshape(g.y_shape)  # (N, G, Cy/G, P)
+            return _per_group(wm, xv).astype(x.dtype, copy=False).reshape(g.y_shape)  # (N, G, Cy/G, P)
         y = cp.empty(g.y_shape, dtype=x.dtype)
         for n0, n1, a, b in self._chunks(engine, g, dt.itemsize):
             cols = self._columns(x, g, n0, n1, a, b, dt)
-            res = cp.matmul(wm, cols)                              # (G, Cy/G, nb*P)
+            res = gpu_blas.matmul(wm, cols)                        # (G, Cy/G, nb*P)
             engine._note(cols, res)
             del cols
             res = res.reshape((g.y_channels, n1 - n0, b - a) + g.y_size[1:])
@@ -169,12 +177,12 @@ class Im2colGemm(Algorithm):
         wt = cp.ascontiguousarray(wt.transpose(0, 2, 1))          # (G, Cx/G*K, Cy/G)
         if pointwise(g):
             gyv = gy.reshape(g.batch, g.groups, g.y_channels // g.groups, -1).astype(dt, copy=False)
-            return cp.matmul(wt, gyv).astype(gy.dtype, copy=False).reshape(g.x_shape)  # (N, G, Cx/G, P)
+            return _per_group(wt, gyv).astype(gy.dtype, copy=False).reshape(g.x_shape)  # (N, G, Cx/G, P)
         params = _geometry_params(g)
         buf = None
         for n0, n1, a, b in self._chunks(engine, g, dt.itemsize):
             gyt = self._rows_t(gy, g, n0, n1, a, b, dt)
-            gcols = cp.matmul(wt, gyt)                             # (G, Cx/G*K, nb*P)
+            gcols = gpu_blas.matmul(wt, gyt)                       # (G, Cx/G*K, nb*P)
             engine._note(gyt, gcols)
             del gyt
             if (a, b) == (0, g.y_size[0]):
@@ -205,14 +213,14 @@ class Im2colGemm(Algorithm):
             # per sample (G, Cy/G, P) @ (G, P, Cx/G), summed over the batch in a fixed order
             gyv = gy.reshape(g.batch, g.groups, g.y_channels // g.groups, -1).astype(dt, copy=False)
             xv = x.reshape(g.batch, g.groups, g.x_channels // g.groups, -1).astype(dt, copy=False)
-            gw = cp.matmul(gyv, xv.transpose(0, 1, 3, 2)).sum(axis=0)
+            gw = _per_group(gyv, xv.transpose(0, 1, 3, 2)).sum(axis=0)
             return gw.reshape(g.w_shape).astype(x.dtype, copy=False)
         gw = None
         for n0, n1, a, b in self._chunks(engine, g, dt.itemsize):
             cols = self._columns(x, g, n0, n1, a, b, dt)           # (G, Cx/G*K, nb*P)
             gyt = self._rows_t(gy, g, n0, n1, a, b, dt)            # (G, Cy/G, nb*P)
             engine._note(cols, gyt)
-            part = cp.matmul(gyt, cols.transpose(0, 2, 1))         # (G, Cy/G, Cx/G*K)
+            part = gpu_blas.matmul(gyt, cols.transpose(0, 2, 1))   # (G, Cy/G, Cx/G*K)
             gw = part if gw is None else gw + part
         return gw.reshape(g.w_shape).astype(x.dtype, copy=False)
 
@@ -258,6 +266,20 @@ class DepthwiseDirect(Algorithm):
             (blocks,), (gpu_kernels.WGRAD_THREADS,), (x, gy, partial, params, _i64(splits)))
         _launch(_kernel(g.nd, x.dtype, "dw_wgrad_final"), gw.size, (partial, gw, params, _i64(splits)))
         return gw
+
+
+def _per_group(a, b):
+    """``a @ b`` per group: ``a`` is (G, M, K) or (N, G, M, K), ``b`` is (N, G, K, P).
+
+    One strided-batched cuBLAS call per group (the batch runs over N); many small
+    groups go to ``cupy.matmul`` instead of a long loop of calls.
+    """
+    n, groups = b.shape[:2]
+    per_sample = a.ndim == 4
+    if groups > 8:
+        return cp.matmul(a, b)
+    parts = [gpu_blas.matmul(a[:, i] if per_sample else a[i:i + 1], b[:, i]) for i in range(groups)]
+    return parts[0][:, None] if groups == 1 else cp.stack(parts, axis=1)
 
 
 def pointwise(g):
@@ -421,7 +443,7 @@ class GPUEngine:
                 raise ValueError(f"algorithm {forced!r} does not support {op} for this geometry "
                                  f"(x {g.x_shape}, weight {g.w_shape}, groups {g.groups}, {dtype})")
             return alg
-        key = (op, g, dtype.name)
+        key = (op, g, dtype.char)
         tuned = self._tuned.get(key)
         if tuned is not None:
             return self.algorithms.get(tuned)
@@ -477,7 +499,7 @@ class GPUEngine:
         choice = {}
         arrays = None
         for op in ops:
-            key = (op, g, dtype.name)
+            key = (op, g, dtype.char)
             if key in self._tuned:
                 choice[op] = self._tuned[key]
                 continue
@@ -529,7 +551,7 @@ class GPUEngine:
             rest = rest[rest.index(alg) + 1:] if alg in rest else rest
             if not rest:
                 raise
-            self._tuned[(op, g, a.dtype.name)] = rest[0].name
+            self._tuned[(op, g, a.dtype.char)] = rest[0].name
             return self._run(op, a, b, g, inner)
         if not inner:
             self.last_algorithm[op] = alg.name
@@ -542,7 +564,7 @@ class GPUEngine:
             if not isinstance(arr, cp.ndarray):
                 raise TypeError(f"GPUEngine.{op}: {name} must be a CuPy array, got "
                                 f"{type(arr).__module__}.{type(arr).__name__}")
-            if arr.dtype.name not in _FLOATS:
+            if arr.dtype.char not in "efd":          # float16, float32, float64
                 raise TypeError(f"GPUEngine.{op}: {name} must be float16, float32 or float64, "
                                 f"got {name}.dtype={arr.dtype}")
             if dtype is not None and arr.dtype != dtype:
