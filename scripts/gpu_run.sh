@@ -2,7 +2,8 @@
 # GPU run: the GPU test suite, then (when ndconv/bench.py exists) the GPU benchmark.
 # Meant for the device machine (an NVIDIA GPU with CuPy and PyTorch): from the repo root,
 #   OUT=/some/dir bash scripts/gpu_run.sh [extra pytest args]
-# Logs and JSON go to $OUT (default ./gpu-out); GPU_RUN_BENCH=0 skips the benchmark.
+# Logs and JSON go to $OUT (default ./gpu-out); GPU_RUN_BENCH=0 skips the float32 benchmark,
+# GPU_RUN_FP16=1 adds the float16 one, GPU_RUN_TESTS=0 skips the tests.
 set -o pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-$PWD/gpu-out}
@@ -36,11 +37,18 @@ PY
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null | tee -a "$OUT/versions.txt"
 
 status=0
-python3 -m pytest -q -p no:cacheprovider -rs tests/test_gpu*.py tests/test_autotune.py "$@" 2>&1 | tee "$OUT/gpu-tests.log" || status=$?
+if [ "${GPU_RUN_TESTS:-1}" != 0 ]; then
+    python3 -m pytest -q -p no:cacheprovider -rs tests/test_gpu*.py tests/test_autotune.py tests/test_phases.py "$@" 2>&1 | tee "$OUT/gpu-tests.log" || status=$?
+fi
 
 if [ "${GPU_RUN_BENCH:-1}" != 0 ] && [ -f ndconv/bench.py ]; then
     # NDCONV_AUTOTUNE=1: ndconv tunes each call once, as PyTorch does in cudnn.benchmark mode.
     NDCONV_AUTOTUNE=${NDCONV_AUTOTUNE:-1} python3 -m ndconv.bench --device gpu --repeat 10 --json "$OUT/bench-gpu.json" 2>&1 | tee "$OUT/bench-gpu.log"
+    bench_status=$?
+    [ "$status" -eq 0 ] && status=$bench_status
+fi
+if [ "${GPU_RUN_FP16:-0}" != 0 ] && [ -f ndconv/bench.py ]; then
+    NDCONV_AUTOTUNE=${NDCONV_AUTOTUNE:-1} python3 -m ndconv.bench --device gpu --dtype float16 --repeat 10 --json "$OUT/bench-gpu-fp16.json" 2>&1 | tee "$OUT/bench-gpu-fp16.log"
     bench_status=$?
     [ "$status" -eq 0 ] && status=$bench_status
 fi
