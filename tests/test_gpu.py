@@ -270,6 +270,8 @@ def test_float32_against_torch_float32(tcuda, gpu, alg):
     case = dict(kind="conv", x=(4, 8, 12, 12), w=(8, 1, 3, 3), padding=1, groups=8)
     if alg in ("im2col_gemm", "cudnn", "phases"):
         case = dict(kind="conv", x=(4, 8, 12, 12), w=(6, 4, 3, 3), stride=2, padding=1, groups=2)
+    if alg == "flat_gemm":
+        case = dict(kind="conv", x=(4, 8, 12, 12), w=(6, 4, 3, 2), dilation=(1, 2), padding=(2, 1), groups=2)
     if alg == "space_to_batch":
         case = dict(kind="conv", x=(4, 8, 12, 12), w=(6, 4, 3, 3), dilation=(2, 3), padding=2, groups=2)
     g, x, w, b, gy = case_arrays(case, 7, "float32")
@@ -632,7 +634,7 @@ def test_optimize_caches_a_choice():
     dense = geometry((2, 4, 8, 8), (8, 4, 3, 3))
     dense_choice = eng.optimize(dense, np.float64)
     assert set(dense_choice) == set(OPS)
-    assert set(dense_choice.values()) <= {"im2col_gemm", "cudnn"}
+    assert set(dense_choice.values()) <= {"im2col_gemm", "cudnn", "flat_gemm"}
     other = "im2col_gemm" if choice["forward"] != "im2col_gemm" else "depthwise_direct"
     with eng.force("forward", other):                               # forcing beats tuning
         assert eng.choose("forward", g, np.float32).name == other

@@ -20,6 +20,9 @@ the engine, which picks (or tunes) the algorithm for it like for any other call.
 ``space_to_batch``
     Dilated stride-1 calls as one undilated call over the dilation phases stacked
     into the batch.
+``flat_gemm``
+    Stride-1 calls as one cuBLAS GEMM per kernel tap over flattened, padded arrays
+    (:mod:`.gpu_flat`): no im2col buffer, the whole batch in each GEMM.
 ``im2col_gemm``
     Any geometry.  An im2col kernel lays out the columns as ``(G, Cx/G*K, nb*P)``
     (one column per output position of the chunk), so each group is one large
@@ -44,6 +47,7 @@ from . import autotune, gpu_blas, gpu_kernels, phases
 from .cudnn import Cudnn
 from .cudnn import version as cudnn_version
 from .gpu_depthwise import DepthwiseTiled
+from .gpu_flat import FlatGemm
 from .registry import OPS, Algorithm, NotApplicable, Registry, check_op
 
 DEFAULT_WORKSPACE = 1 << 30
@@ -293,6 +297,7 @@ ALGORITHMS = Registry()
 ALGORITHMS.register(Cudnn())
 ALGORITHMS.register(phases.Phases())
 ALGORITHMS.register(phases.SpaceToBatch())
+ALGORITHMS.register(FlatGemm())
 ALGORITHMS.register(DepthwiseTiled())
 ALGORITHMS.register(DepthwiseDirect())
 ALGORITHMS.register(Im2colGemm())

@@ -20,47 +20,59 @@ _GEMM = {np.dtype(np.float32): cublas.sgemmStridedBatched, np.dtype(np.float64):
 
 
 def _operand(a):
-    """(op, leading dim, batch stride in elements, array) of a 3-D operand, each matrix
-    row-major (op N) or stored transposed (op T); anything else is made contiguous."""
+    """(op, leading dim, batch stride in elements, array) of a 3-D operand whose matrices
+    are row-major (op N) or stored transposed (op T), with any leading dimension and
+    batch stride (0: one matrix for the whole batch); other layouts are copied first."""
     item = a.itemsize
     rows, cols = a.shape[1:]
     s0, s1, s2 = a.strides
-    if s2 == item and (s1 == cols * item or rows == 1) and s1 % item == 0:
-        op, ld = _OP_N, max(cols, s1 // item if rows > 1 else cols)
-    elif s1 == item and (s2 == rows * item or cols == 1) and s2 % item == 0:
-        op, ld = _OP_T, max(rows, s2 // item if cols > 1 else rows)
-    else:
-        a = cp.ascontiguousarray(a)
-        return _operand(a)
-    stride = 0 if a.shape[0] == 1 else s0 // item
-    if s0 % item:
-        a = cp.ascontiguousarray(a)
-        return _operand(a)
-    return op, ld, stride, a
+    if s0 % item == 0 and s1 % item == 0 and s2 % item == 0 and min(s0, s1, s2) >= 0:
+        if s2 == item and (rows == 1 or s1 >= cols * item):
+            return _OP_N, max(cols, s1 // item), (0 if a.shape[0] == 1 else s0 // item), a
+        if s1 == item and (cols == 1 or s2 >= rows * item):
+            return _OP_T, max(rows, s2 // item), (0 if a.shape[0] == 1 else s0 // item), a
+    return _operand(cp.ascontiguousarray(a))
 
 
-def matmul(a, b):
+def matmul(a, b, out=None, accumulate=False):
     """``a @ b`` for 3-D arrays ``(B or 1, M, K) @ (B or 1, K, N)`` -> ``(B, M, N)``.
 
     float32/float64 go to cuBLAS in one strided-batched call (a batch of 1 is
     broadcast with stride 0); other dtypes and sizes past cuBLAS's int limits fall
-    back to ``cupy.matmul``.
+    back to ``cupy.matmul``.  ``out`` (optional) is a (B, M, N) view with unit
+    column stride; ``accumulate`` adds the product to it (beta = 1).  cuBLAS
+    results are bitwise reproducible run to run, so both stay deterministic.
     """
     batch = max(a.shape[0], b.shape[0])
     m, k = a.shape[1:]
     n = b.shape[2]
     dtype = a.dtype
-    if (dtype not in _GEMM or b.dtype != dtype or b.shape[1] != k or a.shape[0] not in (1, batch)
-            or b.shape[0] not in (1, batch) or max(m, n, k, batch) > _INT_MAX or 0 in (m, n, k, batch)):
-        return cp.matmul(a, b)
-    out = cp.empty((batch, m, n), dtype=dtype)
+    item = a.itemsize
+    direct = (dtype in _GEMM and b.dtype == dtype and b.shape[1] == k and a.shape[0] in (1, batch)
+              and b.shape[0] in (1, batch) and max(m, n, k, batch) <= _INT_MAX and 0 not in (m, n, k, batch))
+    if out is not None:
+        direct = (direct and out.dtype == dtype and out.shape == (batch, m, n) and out.strides[2] == item
+                  and out.strides[1] % item == 0 and out.strides[0] % item == 0
+                  and (m == 1 or out.strides[1] >= n * item))
+    if not direct:
+        res = cp.matmul(a, b)
+        if out is None:
+            return res
+        if accumulate:
+            out += res
+        else:
+            out[...] = res
+        return out
+    if out is None:
+        out = cp.empty((batch, m, n), dtype=dtype)
     op_a, lda, sa, a = _operand(a)
     op_b, ldb, sb, b = _operand(b)
-    if max(lda, ldb) > _INT_MAX:
-        return cp.matmul(a, b)
+    ldc = max(n, out.strides[1] // item)
+    sc = out.strides[0] // item
     handle = cp.cuda.device.get_cublas_handle()
     cublas.setStream(handle, cp.cuda.get_current_stream().ptr)
     # Row-major C = A B is column-major C^T = B^T A^T: cuBLAS gets (b, a) swapped.
     _GEMM[dtype](handle, op_b, op_a, n, m, k, _ONE[dtype].ctypes.data, b.data.ptr, ldb, sb,
-                 a.data.ptr, lda, sa, _ZERO[dtype].ctypes.data, out.data.ptr, n, m * n, batch)
+                 a.data.ptr, lda, sa, (_ONE if accumulate else _ZERO)[dtype].ctypes.data, out.data.ptr,
+                 ldc, sc, batch)
     return out

@@ -1,0 +1,160 @@
+"""Stride-1 convolution as one GEMM per kernel tap over flattened, padded arrays.
+
+Lay x out channel-major and zero-padded, ``xf = (Cx, N*L)`` with every sample at the
+same padded pitch (``L = prod(E)``, ``E = Y + d*(k-1)`` per dim), and gy the same
+way, ``gf = (Cy, N*L)``, zero wherever a padded position is not an output.  Output
+position ``q`` then reads tap ``k`` at ``q + off(k)`` with ``off(k) = sum k_i d_i
+pitch_i``: a shifted view of ``xf``, no im2col copy.  So, per group,
+
+* weight gradient: ``gw[k] = gf @ xf[:, off(k):off(k)+N*L].T``, one (Cy/G x Cx/G)
+  GEMM with the whole batch in its inner dimension, per tap;
+* forward: ``yf += w[k] @ xf[:, off(k):...]`` over the taps, cropped afterwards;
+* input gradient: ``xf[:, off(k):...] += w[k].T @ gf`` over the taps.
+
+Shifts never cross into another sample where it matters: a real output of sample n
+only reads inside sample n's padded block, and the positions that do cross are
+zeros of gf (or are cropped).  Taps run in a fixed order and cuBLAS is reproducible,
+so results are deterministic.  Strided calls reach this through the ``phases``
+algorithm (space-to-depth), dilated ones directly (the offsets scale with d).
+"""
+from __future__ import annotations
+
+import math
+
+import cupy as cp
+import numpy as np
+from cupy.lib.stride_tricks import as_strided
+
+from . import gpu_blas, phases
+from .registry import OPS, Algorithm
+
+_INT_MAX = 2 ** 31 - 1
+
+
+def extent(g):
+    """Padded extent each dim must have for stride 1: the outputs plus the kernel span."""
+    return tuple(y + d * (k - 1) for y, d, k in zip(g.y_size, g.dilation, g.kernel))
+
+
+def _pitch(ext):
+    return tuple(math.prod(ext[i + 1:]) for i in range(len(ext)))
+
+
+def _offsets(g, ext):
+    pitch = _pitch(ext)
+    return [sum(t * d * p for t, d, p in zip(tap, g.dilation, pitch)) for tap in np.ndindex(*g.kernel)]
+
+
+class FlatGemm(Algorithm):
+    """One cuBLAS GEMM per kernel tap on the flat padded arrays; stride 1 only."""
+
+    name = "flat_gemm"
+    deterministic = True
+    max_groups = 64          # past that the per-group GEMMs are too small to pay
+
+    def supports(self, op, g, dtype):
+        if op not in OPS or g.nd not in (1, 2, 3) or np.dtype(dtype).name not in ("float32", "float64", "float16"):
+            return False
+        if not phases.unit_stride(g) or g.groups > self.max_groups or g.depthwise:
+            return False
+        length = g.batch * math.prod(extent(g))
+        return length + self._tail(g) <= _INT_MAX and max(g.x_channels, g.y_channels) <= _INT_MAX // max(1, length)
+
+    @staticmethod
+    def _tail(g):
+        ext = extent(g)
+        return sum((k - 1) * d * p for k, d, p in zip(g.kernel, g.dilation, _pitch(ext)))
+
+    def run(self, engine, op, a, b, g):
+        dt = np.dtype(np.float32) if a.dtype == np.float16 else a.dtype
+        ext = extent(g)
+        per_sample = dt.itemsize * math.prod(ext) * (g.x_channels + g.y_channels)
+        out = None
+        for n0, n1 in phases.batch_chunks(engine, g, per_sample):
+            gc = g.with_batch(n1 - n0)
+            part = getattr(self, "_" + op)(engine, a[n0:n1], b if op != "backward_weight" else b[n0:n1],
+                                           gc, ext, dt)
+            if op == "backward_weight":
+                out = part if out is None else out + part
+                continue
+            if n0 == 0 and n1 == g.batch:
+                return part.astype(a.dtype, copy=False)
+            if out is None:
+                out = cp.empty(g.y_shape if op == "forward" else g.x_shape, dtype=a.dtype)
+            out[n0:n1] = part
+        return out.astype(a.dtype, copy=False)
+
+    # ------------------------------------------------------------------ layouts
+
+    def _x_flat(self, engine, x, g, ext, dt):
+        """(Cx, N*L + tail): x zero-padded at pitch L, channel-major."""
+        total = g.batch * math.prod(ext)
+        xf = cp.zeros((g.x_channels, total + self._tail(g)), dtype=dt)
+        view = xf[:, :total].reshape((g.x_channels, g.batch) + ext).swapaxes(0, 1)
+        phases.copy_unpadded(x, view, g.pad_lo, 0)
+        engine._note(xf)
+        return xf
+
+    def _y_flat(self, engine, gy, g, ext, dt):
+        """(Cy, N*L): gy at the padded pitch, zeros elsewhere."""
+        gf = cp.zeros((g.y_channels, g.batch * math.prod(ext)), dtype=dt)
+        view = gf.reshape((g.y_channels, g.batch) + ext).swapaxes(0, 1)
+        view[(slice(None), slice(None)) + tuple(slice(0, y) for y in g.y_size)] = gy
+        engine._note(gf)
+        return gf
+
+    @staticmethod
+    def _grouped(flat, groups, start, width):
+        """flat[:, start:start+width] as (G, C/G, width), a view."""
+        c = flat.shape[0] // groups
+        item = flat.itemsize
+        ld = flat.shape[1]
+        return as_strided(flat[:, start:], shape=(groups, c, width),
+                          strides=(c * ld * item, ld * item, item))
+
+    @staticmethod
+    def _taps(w, g, dt):
+        """w (Cy, Cx/G, *k) -> (K, G, Cy/G, Cx/G), contiguous."""
+        yg, cg = g.y_channels // g.groups, g.x_channels // g.groups
+        v = w.reshape(g.groups, yg, cg, g.taps).astype(dt, copy=False)
+        return cp.ascontiguousarray(v.transpose(3, 0, 1, 2))
+
+    # ------------------------------------------------------------------ the three ops
+
+    def _forward(self, engine, x, w, g, ext, dt):
+        xf = self._x_flat(engine, x, g, ext, dt)
+        total = g.batch * math.prod(ext)
+        yf = cp.empty((g.y_channels, total), dtype=dt)
+        engine._note(xf, yf)
+        out = self._grouped(yf, g.groups, 0, total)
+        wt = self._taps(w, g, dt)
+        for tap, off in enumerate(_offsets(g, ext)):
+            gpu_blas.matmul(wt[tap], self._grouped(xf, g.groups, off, total), out=out, accumulate=tap > 0)
+        y = yf.reshape((g.y_channels, g.batch) + ext)[(slice(None), slice(None))
+                                                      + tuple(slice(0, v) for v in g.y_size)]
+        return cp.ascontiguousarray(y.swapaxes(0, 1), dtype=dt)
+
+    def _backward_input(self, engine, gy, w, g, ext, dt):
+        gf = self._y_flat(engine, gy, g, ext, dt)
+        total = g.batch * math.prod(ext)
+        xf = cp.zeros((g.x_channels, total + self._tail(g)), dtype=dt)
+        engine._note(gf, xf)
+        wt = self._taps(w, g, dt).transpose(0, 1, 3, 2)             # (K, G, Cx/G, Cy/G)
+        src = self._grouped(gf, g.groups, 0, total)
+        for tap, off in enumerate(_offsets(g, ext)):
+            gpu_blas.matmul(wt[tap], src, out=self._grouped(xf, g.groups, off, total), accumulate=True)
+        buf = xf[:, :total].reshape((g.x_channels, g.batch) + ext).swapaxes(0, 1)
+        return phases.crop(cp, buf, g, dt)
+
+    def _backward_weight(self, engine, x, gy, g, ext, dt):
+        xf = self._x_flat(engine, x, g, ext, dt)
+        gf = self._y_flat(engine, gy, g, ext, dt)
+        total = g.batch * math.prod(ext)
+        yg, cg = g.y_channels // g.groups, g.x_channels // g.groups
+        gw = cp.empty((g.taps, g.groups, yg, cg), dtype=dt)
+        engine._note(xf, gf, gw)
+        a = self._grouped(gf, g.groups, 0, total)                    # (G, Cy/G, N*L)
+        for tap, off in enumerate(_offsets(g, ext)):
+            b = self._grouped(xf, g.groups, off, total).transpose(0, 2, 1)   # (G, N*L, Cx/G)
+            gpu_blas.matmul(a, b, out=gw[tap])
+        return gw.transpose(1, 2, 3, 0).reshape(g.w_shape)
