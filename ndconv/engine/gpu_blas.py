@@ -31,7 +31,11 @@ def _operand(a):
             return _OP_N, max(cols, s1 // item), (0 if a.shape[0] == 1 else s0 // item), a
         if s1 == item and (cols == 1 or s2 >= rows * item):
             return _OP_T, max(rows, s2 // item), (0 if a.shape[0] == 1 else s0 // item), a
-    return _operand(cp.ascontiguousarray(a))
+    # Copy into a fresh C-ordered buffer.  (Not ascontiguousarray: it returns arrays whose
+    # size-1 axes have odd strides unchanged, and those strides are what failed above.)
+    fresh = cp.empty(a.shape, dtype=a.dtype)
+    fresh[...] = a
+    return _OP_N, max(1, cols), (0 if a.shape[0] == 1 else rows * cols), fresh
 
 
 def matmul(a, b, out=None, accumulate=False):
