@@ -147,33 +147,14 @@ class FlatGemm(Algorithm):
         return phases.crop(cp, buf, g, dt)
 
     def _backward_weight(self, engine, x, gy, g, ext, dt):
+        # One GEMM per tap with the whole batch as its inner dimension; cuBLAS splits that
+        # long dimension itself.  (Splitting it here into batch entries was measured
+        # slower on an H200 at every slice width: the slices' odd offsets cost cuBLAS its
+        # vectorised loads.)
         xf = self._x_flat(engine, x, g, ext, dt)
         gf = self._y_flat(engine, gy, g, ext, dt)
         total = g.batch * math.prod(ext)
         yg, cg = g.y_channels // g.groups, g.x_channels // g.groups
-        item = xf.itemsize
-        ld = xf.shape[1]
-        if g.groups == 1:
-            # Split the (long) inner dimension into fixed slices, one batch entry each, so
-            # the small Cy x Cx output still fills the GPU; the slices are then summed in
-            # a fixed order (deterministic).  The split depends on the geometry alone.
-            splits = self.splits(total)
-            chunk = -(-total // splits)
-            parts = cp.zeros((g.taps, splits, yg, cg), dtype=dt)
-            engine._note(xf, gf, parts)
-            last = total - chunk * (splits - 1)
-            # (first slice, slices, width): the equal slices in one batched call, the rest in one
-            calls = [(0, splits - 1, chunk), (splits - 1, 1, last)] if splits > 1 else [(0, 1, total)]
-            for tap, off in enumerate(_offsets(g, ext)):
-                for first, count, width in calls:
-                    start = first * chunk
-                    a = as_strided(gf[:, start:], shape=(count, yg, width),
-                                   strides=(chunk * item, gf.shape[1] * item, item))
-                    b = as_strided(xf[:, off + start:], shape=(count, width, cg),
-                                   strides=(chunk * item, item, ld * item))
-                    gpu_blas.matmul(a, b, out=parts[tap, first:first + count])
-            gw = parts.sum(axis=1)                                   # (K, Cy, Cx)
-            return gw.transpose(1, 2, 0).reshape(g.w_shape)
         gw = cp.empty((g.taps, g.groups, yg, cg), dtype=dt)
         engine._note(xf, gf, gw)
         a = self._grouped(gf, g.groups, 0, total)                    # (G, Cy/G, N*L)
@@ -181,8 +162,3 @@ class FlatGemm(Algorithm):
             b = self._grouped(xf, g.groups, off, total).transpose(0, 2, 1)   # (G, N*L, Cx/G)
             gpu_blas.matmul(a, b, out=gw[tap])
         return gw.transpose(1, 2, 3, 0).reshape(g.w_shape)
-
-    @staticmethod
-    def splits(total):
-        """Slices of the inner dimension for the weight gradient: about 32K long, at most 32."""
-        return int(max(1, min(32, total // 32768)))
