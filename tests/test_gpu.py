@@ -622,6 +622,14 @@ def test_phases_is_the_untuned_choice_for_k_multiple_of_s_transposed():
     assert eng.choose("forward", k4s2, np.float32).name != "phases"
 
 
+def test_flat_gemm_is_the_untuned_weight_gradient_outside_2d():
+    eng = GPUEngine()
+    for g in (geometry((2, 8, 6, 6, 6), (8, 8, 3, 3, 3), padding=1), geometry((2, 8, 40), (8, 8, 3), padding=1)):
+        assert eng.choose("backward_weight", g, np.float32).name == "flat_gemm"
+        assert eng.choose("forward", g, np.float32).name != "flat_gemm"
+    assert eng.choose("backward_weight", geometry((2, 8, 6, 6), (8, 8, 3, 3)), np.float32).name != "flat_gemm"
+
+
 def test_optimize_caches_a_choice():
     g = geometry((4, 8, 16, 16), (8, 1, 3, 3), padding=1, groups=8)
     eng = GPUEngine()
