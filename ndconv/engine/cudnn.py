@@ -39,7 +39,7 @@ from .registry import OPS, Algorithm, NotApplicable
 # enums of cudnn.h (stable across cuDNN 8 and 9)
 _SUCCESS = 0
 _DATA = {"float32": 0, "float64": 1, "float16": 2}
-_NCHW, _NHWC = 0, 1
+_NCHW = 0
 _CROSS_CORRELATION = 1
 _DEFAULT_MATH, _TENSOR_OP_MATH, _TENSOR_OP_ALLOW_CONVERSION, _FMA_MATH = 0, 1, 2, 3
 _DETERMINISTIC = 1
@@ -210,13 +210,6 @@ def _shapes(g):
     return x, w, y, pads, s, d
 
 
-def _strides_last(dims):
-    """Element strides of (N, C, *S) dims stored channels-last, (N, *S, C)."""
-    n, c, *spatial = dims
-    inner = _strides([n] + spatial + [c])             # strides of N, *S, C in that order
-    return [inner[0], inner[-1]] + inner[1:-1]
-
-
 def _strides(dims):
     out, acc = [], 1
     for n in reversed(dims):
@@ -228,7 +221,7 @@ def _strides(dims):
 class _Plan:
     """Descriptors of one (geometry, dtype) and the cuDNN algorithm per op."""
 
-    def __init__(self, g, dtype, channels_last=False):
+    def __init__(self, g, dtype):
         lib = _lib
         self.dtype = np.dtype(dtype)
         dt = _DATA[self.dtype.name]
@@ -240,12 +233,11 @@ class _Plan:
         _check(lib.cudnnCreateFilterDescriptor(ctypes.byref(self.w)), "cudnnCreateFilterDescriptor")
         _check(lib.cudnnCreateConvolutionDescriptor(ctypes.byref(self.conv)),
                "cudnnCreateConvolutionDescriptor")
-        strides = _strides_last if channels_last else _strides
-        _check(lib.cudnnSetTensorNdDescriptor(self.x, dt, len(xd), _ints(xd), _ints(strides(xd))),
+        _check(lib.cudnnSetTensorNdDescriptor(self.x, dt, len(xd), _ints(xd), _ints(_strides(xd))),
                "cudnnSetTensorNdDescriptor(x)")
-        _check(lib.cudnnSetTensorNdDescriptor(self.y, dt, len(yd), _ints(yd), _ints(strides(yd))),
+        _check(lib.cudnnSetTensorNdDescriptor(self.y, dt, len(yd), _ints(yd), _ints(_strides(yd))),
                "cudnnSetTensorNdDescriptor(y)")
-        _check(lib.cudnnSetFilterNdDescriptor(self.w, dt, _NHWC if channels_last else _NCHW, len(wd), _ints(wd)),
+        _check(lib.cudnnSetFilterNdDescriptor(self.w, dt, _NCHW, len(wd), _ints(wd)),
                "cudnnSetFilterNdDescriptor")
         compute = _DATA["float64"] if self.dtype == np.float64 else _DATA["float32"]
         _check(lib.cudnnSetConvolutionNdDescriptor(self.conv, len(pads), _ints(pads), _ints(s), _ints(d),
@@ -304,8 +296,6 @@ class Cudnn(Algorithm):
 
     name = "cudnn"
     deterministic = True      # it filters cuDNN's algorithms by the engine's flag
-    #: hand cuDNN channels-last (NHWC) copies of the arrays, see CudnnChannelsLast
-    channels_last = False
 
     def __init__(self):
         self._plans = {}
@@ -345,25 +335,21 @@ class Cudnn(Algorithm):
         if plan is None:
             if len(self._plans) > 512:
                 self._plans.clear()
-            plan = self._plans[key] = _Plan(g, dtype, self.channels_last)
+            plan = self._plans[key] = _Plan(g, dtype)
         return plan
 
     def run(self, engine, op, a, b, g):
         import cupy as cp
         plan = self._plan(cp, g, a.dtype)
         handle = self._handle(cp)
-        shape = {"forward": g.y_shape, "backward_input": g.x_shape, "backward_weight": g.w_shape}[op]
-        if self.channels_last:
-            # (N, C, *S) -> (N, *S, C) in memory (and the weight (Cy, Cx/G, *k) -> (Cy, *k, Cx/G))
-            a, b = (cp.ascontiguousarray(cp.moveaxis(v, 1, -1)) for v in (a, b))
-            engine._note(a, b)
-            shape = (shape[0],) + tuple(shape[2:]) + (shape[1],)
-        out = cp.empty(shape, dtype=a.dtype)
         if op == "forward":
+            out = cp.empty(g.y_shape, dtype=a.dtype)
             descs, arrays = (plan.x, plan.w, plan.y), (a, b, out)
         elif op == "backward_input":
+            out = cp.empty(g.x_shape, dtype=a.dtype)
             descs, arrays = (plan.w, plan.y, plan.x), (b, a, out)
         else:
+            out = cp.empty(g.w_shape, dtype=a.dtype)
             descs, arrays = (plan.x, plan.y, plan.w), (a, b, out)
         # cuDNN's argument order: (desc, data) of the two inputs, then of the output.
         ptr = []
@@ -380,7 +366,7 @@ class Cudnn(Algorithm):
                                          plan.conv, algo, ctypes.c_void_p(ws.data.ptr if ws_bytes else None),
                                          ws_bytes, plan.beta_ref, ptr[4], ptr[5])
         _check(status, _RUN[op])
-        return cp.ascontiguousarray(cp.moveaxis(out, -1, 1)) if self.channels_last else out
+        return out
 
     def _algorithm(self, engine, cp, handle, plan, op, g, ptr):
         limit = engine.workspace_limit
@@ -389,7 +375,7 @@ class Cudnn(Algorithm):
         if found is not None:
             return found
         tuner, context = engine._tuner_context()
-        disk_key = self.name + ":" + engine._call_key(op, g, plan.dtype)
+        disk_key = "cudnn:" + engine._call_key(op, g, plan.dtype)
         remembered = tuner.lookup(context, disk_key) if tuner is not None else None
         perf = (_Perf * _MAX_ALGOS)()
         count = ctypes.c_int(0)
@@ -418,16 +404,3 @@ class Cudnn(Algorithm):
         math_type = int(best.mathType) if plan.dtype == np.float16 else _FMA_MATH
         plan.algo[key] = found = (int(best.algo), int(best.memory), math_type)
         return found
-
-
-class CudnnChannelsLast(Cudnn):
-    """cuDNN on channels-last copies of the arrays (NHWC / KRSC descriptors).
-
-    cuDNN's tensor-core kernels (float16) are written for channels-last data; with
-    channels-first descriptors the legacy API picks slower kernels or transforms
-    internally.  The copies in and out are memory-bound and cheap next to the
-    convolution; the autotuner decides per call whether they pay.
-    """
-
-    name = "cudnn_nhwc"
-    channels_last = True

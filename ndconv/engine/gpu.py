@@ -20,8 +20,6 @@ the engine, which picks (or tunes) the algorithm for it like for any other call.
 ``space_to_batch``
     Dilated stride-1 calls as one undilated call over the dilation phases stacked
     into the batch.
-``cudnn_nhwc``
-    cuDNN on channels-last copies of the arrays (its tensor-core kernels want NHWC).
 ``flat_gemm``
     Stride-1 calls as one cuBLAS GEMM per kernel tap over flattened, padded arrays
     (:mod:`.gpu_flat`): no im2col buffer, the whole batch in each GEMM.
@@ -46,7 +44,7 @@ import cupy as cp
 import numpy as np
 
 from . import autotune, gpu_blas, gpu_kernels, phases
-from .cudnn import Cudnn, CudnnChannelsLast
+from .cudnn import Cudnn
 from .cudnn import version as cudnn_version
 from .gpu_depthwise import DepthwiseTiled
 from .gpu_flat import FlatGemm
@@ -297,7 +295,6 @@ def pointwise(g):
 # where they apply, then cuDNN where it is installed, then the generic paths.
 ALGORITHMS = Registry()
 ALGORITHMS.register(Cudnn())
-ALGORITHMS.register(CudnnChannelsLast())
 ALGORITHMS.register(phases.Phases())
 ALGORITHMS.register(phases.SpaceToBatch())
 ALGORITHMS.register(FlatGemm())
