@@ -26,7 +26,8 @@ the engine, which picks (or tunes) the algorithm for it like for any other call.
 ``im2col_gemm``
     Any geometry.  An im2col kernel lays out the columns as ``(G, Cx/G*K, nb*P)``
     (one column per output position of the chunk), so each group is one large
-    cuBLAS GEMM through ``cupy.matmul``; col2im is a gather kernel.  The work is
+    cuBLAS GEMM (one strided-batched call over the groups, :mod:`.gpu_blas`); col2im
+    is a gather kernel.  The work is
     split by batch, then by first output dim, so that the temporaries of one chunk
     stay under ``workspace_limit``.  A 1x1 stride-1 call skips im2col: one batched
     GEMM on x itself.
