@@ -52,31 +52,40 @@ def check(geom, x, w, gy, want, workspace_limit=1 << 30, dtype=np.float64, tol=1
         assert engine.inner, op
 
 
-@settings(max_examples=60, deadline=None)
-@given(data=st.data(), nd=st.integers(1, 3))
-def test_phase_form_matches_reference(data, nd):
-    stride = tuple(data.draw(st.lists(st.integers(1, 3), min_size=nd, max_size=nd), label="stride"))
-    if all(s == 1 for s in stride):
-        stride = (2,) + stride[1:]
-    kernel = tuple(data.draw(st.lists(st.integers(1, 4), min_size=nd, max_size=nd), label="kernel"))
-    dilation = tuple(data.draw(st.lists(st.integers(1, 2), min_size=nd, max_size=nd), label="dilation"))
-    lo = data.draw(st.lists(st.integers(0, 2), min_size=nd, max_size=nd), label="pad_lo")
-    hi = data.draw(st.lists(st.integers(0, 2), min_size=nd, max_size=nd), label="pad_hi")
-    groups = data.draw(st.integers(1, 3), label="groups")
-    cg, og = data.draw(st.integers(1, 2), label="cg"), data.draw(st.integers(1, 2), label="og")
+def ints(data, nd, lo, hi, label, not_all_ones=False):
+    """nd ints in [lo, hi]; with ``not_all_ones`` the first is raised to 2 when all are 1."""
+    v = tuple(data.draw(st.lists(st.integers(lo, hi), min_size=nd, max_size=nd), label=label))
+    return (2,) + v[1:] if not_all_ones and all(e == 1 for e in v) else v
+
+
+def draw_arrays(data, stride, kernel, dilation, lo, hi, groups, cg):
+    """x, w, gy (float64), the geometry and the padding pairs of a drawn convolution."""
     span = [d * (k - 1) + 1 for k, d in zip(kernel, dilation)]
-    x_size = tuple(data.draw(st.integers(max(1, e - a - b), e - a - b + 5), label="x")
+    x_size = tuple(data.draw(st.integers(max(1, e - a - b), max(1, e - a - b) + 5), label="x")
                    for e, a, b in zip(span, lo, hi))
     batch = data.draw(st.integers(1, 3), label="batch")
+    og = data.draw(st.integers(1, 2), label="og")
     pad = [(a, b) for a, b in zip(lo, hi)]
     rng = np.random.default_rng(0)
     x = rng.standard_normal((batch, cg * groups) + x_size)
     w = rng.standard_normal((og * groups, cg) + kernel)
     geom, _ = ndconv.conv_geometry(x.shape, w.shape, None, stride, pad, dilation, groups)
+    return x, w, rng.standard_normal(geom.y_shape), geom, pad
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.data(), nd=st.integers(1, 3))
+def test_phase_form_matches_reference(data, nd):
+    stride = ints(data, nd, 1, 3, "stride", not_all_ones=True)
+    kernel = ints(data, nd, 1, 4, "kernel")
+    dilation = ints(data, nd, 1, 2, "dilation")
+    lo, hi = ints(data, nd, 0, 2, "pad_lo"), ints(data, nd, 0, 2, "pad_hi")
+    groups = data.draw(st.integers(1, 3), label="groups")
+    x, w, gy, geom, pad = draw_arrays(data, stride, kernel, dilation, lo, hi, groups,
+                                      data.draw(st.integers(1, 2), label="cg"))
     if phases.waste(geom) > phases.Phases.max_waste:
         assert not phases.Phases().supports("forward", geom, np.float64)
         return
-    gy = rng.standard_normal(geom.y_shape)
     limit = data.draw(st.sampled_from([1 << 30, 64]), label="workspace")   # 64 B: one sample per chunk
     check(geom, x, w, gy, expected(x, w, gy, stride, pad, dilation, groups), workspace_limit=limit)
 
@@ -136,24 +145,12 @@ def test_supports_only_strided_calls_with_little_waste():
 @settings(max_examples=50, deadline=None)
 @given(data=st.data(), nd=st.integers(1, 3))
 def test_space_to_batch_matches_reference(data, nd):
-    dilation = tuple(data.draw(st.lists(st.integers(1, 3), min_size=nd, max_size=nd), label="dilation"))
-    if all(d == 1 for d in dilation):
-        dilation = (2,) + dilation[1:]
-    kernel = tuple(data.draw(st.lists(st.integers(1, 3), min_size=nd, max_size=nd), label="kernel"))
-    lo = data.draw(st.lists(st.integers(0, 3), min_size=nd, max_size=nd), label="pad_lo")
-    hi = data.draw(st.lists(st.integers(0, 3), min_size=nd, max_size=nd), label="pad_hi")
-    groups = data.draw(st.integers(1, 2), label="groups")
-    span = [d * (k - 1) + 1 for k, d in zip(kernel, dilation)]
-    x_size = tuple(data.draw(st.integers(max(1, e - a - b), e - a - b + 6), label="x")
-                   for e, a, b in zip(span, lo, hi))
-    batch = data.draw(st.integers(1, 3), label="batch")
-    pad = [(a, b) for a, b in zip(lo, hi)]
-    rng = np.random.default_rng(5)
-    x = rng.standard_normal((batch, 2 * groups) + x_size)
-    w = rng.standard_normal((groups * data.draw(st.integers(1, 2), label="og"), 2) + kernel)
-    geom, _ = ndconv.conv_geometry(x.shape, w.shape, None, 1, pad, dilation, groups)
-    gy = rng.standard_normal(geom.y_shape)
-    want = expected(x, w, gy, 1, pad, dilation, groups)
+    dilation = ints(data, nd, 1, 3, "dilation", not_all_ones=True)
+    kernel = ints(data, nd, 1, 3, "kernel")
+    lo, hi = ints(data, nd, 0, 3, "pad_lo"), ints(data, nd, 0, 3, "pad_hi")
+    x, w, gy, geom, pad = draw_arrays(data, (1,) * nd, kernel, dilation, lo, hi,
+                                      data.draw(st.integers(1, 2), label="groups"), 2)
+    want = expected(x, w, gy, 1, pad, dilation, geom.groups)
     limit = data.draw(st.sampled_from([1 << 30, 64]), label="workspace")
     alg = phases.SpaceToBatch()
     args = {"forward": (x, w), "backward_input": (gy, w), "backward_weight": (x, gy)}

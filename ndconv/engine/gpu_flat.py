@@ -75,19 +75,12 @@ class FlatGemm(Algorithm):
         dt = np.dtype(np.float32) if a.dtype == np.float16 else a.dtype
         ext = extent(g)
         per_sample = dt.itemsize * math.prod(ext) * (g.x_channels + g.y_channels)
-        out = None
-        for n0, n1 in phases.batch_chunks(engine, g, per_sample):
-            gc = g.with_batch(n1 - n0)
-            part = getattr(self, "_" + op)(engine, a[n0:n1], b if op != "backward_weight" else b[n0:n1],
-                                           gc, ext, dt)
-            if op == "backward_weight":
-                out = part if out is None else out + part
-                continue
-            if n0 == 0 and n1 == g.batch:
-                return part.astype(a.dtype, copy=False)
-            if out is None:
-                out = cp.empty(g.y_shape if op == "forward" else g.x_shape, dtype=a.dtype)
-            out[n0:n1] = part
+        compute = getattr(self, "_" + op)
+
+        def part(n0, n1, gc):
+            return compute(engine, a[n0:n1], b if op != "backward_weight" else b[n0:n1], gc, ext, dt)
+
+        out = phases.run_in_chunks(cp, engine, op, g, per_sample, a.dtype, part)
         return out.astype(a.dtype, copy=False)
 
     # ------------------------------------------------------------------ layouts

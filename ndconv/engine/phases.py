@@ -244,31 +244,41 @@ class SpaceToBatch(Algorithm):
         per_sample = 2 * dt.itemsize * math.prod(g.dilation) * (
             g.x_channels * math.prod(gb.x_size) + g.y_channels * math.prod(gb.y_size))
         inside = (slice(None), slice(None)) + tuple(slice(0, v) for v in g.y_size)
-        out = None
-        for n0, n1 in batch_chunks(engine, g, per_sample):
-            gc, part = g.with_batch(n1 - n0), None
+
+        def part(n0, n1, gc):
             if op == "forward":
                 xb = x_to_batch(xp, a[n0:n1], gc, dt)
                 engine._note(xb)
                 yb = engine._run("forward", xb, b, batch_geometry(gc), inner=True)
-                part = xp.ascontiguousarray(_from_batch(xp, yb, g.dilation, n1 - n0)[inside])
-            elif op == "backward_input":
+                return xp.ascontiguousarray(_from_batch(xp, yb, g.dilation, n1 - n0)[inside])
+            if op == "backward_input":
                 yb = y_to_batch(xp, a[n0:n1], gc, dt)
                 engine._note(yb)
                 gxb = engine._run("backward_input", yb, b, batch_geometry(gc), inner=True)
-                part = crop(xp, _from_batch(xp, gxb, g.dilation, n1 - n0), gc, dt)
-            else:
-                xb, yb = x_to_batch(xp, a[n0:n1], gc, dt), y_to_batch(xp, b[n0:n1], gc, dt)
-                engine._note(xb, yb)
-                gw = engine._run("backward_weight", xb, yb, batch_geometry(gc), inner=True)
-                out = gw if out is None else out + gw
-                continue
-            if n0 == 0 and n1 == g.batch:
-                return part
+                return crop(xp, _from_batch(xp, gxb, g.dilation, n1 - n0), gc, dt)
+            xb, yb = x_to_batch(xp, a[n0:n1], gc, dt), y_to_batch(xp, b[n0:n1], gc, dt)
+            engine._note(xb, yb)
+            return engine._run("backward_weight", xb, yb, batch_geometry(gc), inner=True)
+
+        return run_in_chunks(xp, engine, op, g, per_sample, dt, part)
+
+
+def run_in_chunks(xp, engine, op, g, per_sample, dtype, part):
+    """``part(n0, n1, geometry of the chunk)`` over batch chunks that fit the engine's
+    workspace limit, put together: summed for the weight gradient (in chunk order),
+    else placed along the batch of a ``dtype`` result."""
+    out = None
+    for n0, n1 in batch_chunks(engine, g, per_sample):
+        piece = part(n0, n1, g.with_batch(n1 - n0))
+        if op == "backward_weight":
+            out = piece if out is None else out + piece
+        elif n0 == 0 and n1 == g.batch:
+            return piece
+        else:
             if out is None:
-                out = xp.empty(g.y_shape if op == "forward" else g.x_shape, dtype=dt)
-            out[n0:n1] = part
-        return out
+                out = xp.empty(g.y_shape if op == "forward" else g.x_shape, dtype=dtype)
+            out[n0:n1] = piece
+    return out
 
 
 def batch_chunks(engine, g, per_sample):
@@ -357,26 +367,19 @@ class Phases(Algorithm):
             w = weight(xp, b, g, dt)
         elif op == "backward_input":
             w = weight_transposed(xp, b, g, dt)
-        out = None
-        for n0, n1 in batch_chunks(engine, g, per_sample):
-            gc = g.with_batch(n1 - n0)
+
+        def part(n0, n1, gc):
             if op == "forward":
                 xs = space_to_depth(xp, a[n0:n1], gc, dt)
                 engine._note(xs)
-                part = engine._run("forward", xs, w, geometry(gc), inner=True)
-            elif op == "backward_input":
+                return engine._run("forward", xs, w, geometry(gc), inner=True)
+            if op == "backward_input":
                 ph = engine._run("forward", a[n0:n1], w, geometry(gc, transposed=True), inner=True)
                 engine._note(ph)
-                part = depth_to_space(xp, ph, gc)
-            else:
-                xs = space_to_depth(xp, a[n0:n1], gc, dt)
-                engine._note(xs)
-                gw = engine._run("backward_weight", xs, xp.ascontiguousarray(b[n0:n1]), geometry(gc), inner=True)
-                out = gw if out is None else out + gw
-                continue
-            if n0 == 0 and n1 == g.batch:
-                return part
-            if out is None:
-                out = xp.empty(g.y_shape if op == "forward" else g.x_shape, dtype=dt)
-            out[n0:n1] = part
+                return depth_to_space(xp, ph, gc)
+            xs = space_to_depth(xp, a[n0:n1], gc, dt)
+            engine._note(xs)
+            return engine._run("backward_weight", xs, xp.ascontiguousarray(b[n0:n1]), geometry(gc), inner=True)
+
+        out = run_in_chunks(xp, engine, op, g, per_sample, dt, part)
         return weight_gather(xp, out, g) if op == "backward_weight" else out
