@@ -10,13 +10,23 @@ from __future__ import annotations
 
 import cupy as cp
 import numpy as np
-from cupy.cuda import cublas
 
 _OP_N, _OP_T = 0, 1
 _INT_MAX = 2 ** 31 - 1
 _ONE = {np.dtype(np.float32): np.array(1, np.float32), np.dtype(np.float64): np.array(1, np.float64)}
 _ZERO = {np.dtype(np.float32): np.array(0, np.float32), np.dtype(np.float64): np.array(0, np.float64)}
-_GEMM = {np.dtype(np.float32): cublas.sgemmStridedBatched, np.dtype(np.float64): cublas.dgemmStridedBatched}
+_GEMM_NAMES = {np.dtype(np.float32): "sgemmStridedBatched", np.dtype(np.float64): "dgemmStridedBatched"}
+_cublas = None
+
+
+def _lib():
+    """CuPy's cuBLAS binding, imported at first use: importing it loads libcublas, which
+    a machine with CuPy but no CUDA libraries (CI) does not have."""
+    global _cublas
+    if _cublas is None:
+        from cupy.cuda import cublas
+        _cublas = cublas
+    return _cublas
 
 
 def _operand(a):
@@ -52,7 +62,7 @@ def matmul(a, b, out=None, accumulate=False):
     n = b.shape[2]
     dtype = a.dtype
     item = a.itemsize
-    direct = (dtype in _GEMM and b.dtype == dtype and b.shape[1] == k and a.shape[0] in (1, batch)
+    direct = (dtype in _GEMM_NAMES and b.dtype == dtype and b.shape[1] == k and a.shape[0] in (1, batch)
               and b.shape[0] in (1, batch) and max(m, n, k, batch) <= _INT_MAX and 0 not in (m, n, k, batch))
     if out is not None:
         direct = (direct and out.dtype == dtype and out.shape == (batch, m, n) and out.strides[2] == item
@@ -73,10 +83,11 @@ def matmul(a, b, out=None, accumulate=False):
     op_b, ldb, sb, b = _operand(b)
     ldc = max(n, out.strides[1] // item)
     sc = out.strides[0] // item
+    cublas = _lib()
     handle = cp.cuda.device.get_cublas_handle()
     cublas.setStream(handle, cp.cuda.get_current_stream().ptr)
     # Row-major C = A B is column-major C^T = B^T A^T: cuBLAS gets (b, a) swapped.
-    _GEMM[dtype](handle, op_b, op_a, n, m, k, _ONE[dtype].ctypes.data, b.data.ptr, ldb, sb,
-                 a.data.ptr, lda, sa, (_ONE if accumulate else _ZERO)[dtype].ctypes.data, out.data.ptr,
-                 ldc, sc, batch)
+    gemm = getattr(cublas, _GEMM_NAMES[dtype])
+    gemm(handle, op_b, op_a, n, m, k, _ONE[dtype].ctypes.data, b.data.ptr, ldb, sb, a.data.ptr, lda, sa,
+         (_ONE if accumulate else _ZERO)[dtype].ctypes.data, out.data.ptr, ldc, sc, batch)
     return out
