@@ -36,6 +36,7 @@ def unit_stride(g):
     return all(s == 1 for s in g.stride)
 
 
+@functools.lru_cache(maxsize=512)
 def taps(g):
     """Per dim: each tap's phase r and offset q (k*d = q*s + r), and the taps per phase Q."""
     r = [[(k * d) % s for k in range(n)] for n, d, s in zip(g.kernel, g.dilation, g.stride)]
@@ -52,6 +53,7 @@ def waste(g):
     return math.prod(s * e for s, e in zip(g.stride, extent)) / g.taps
 
 
+@functools.lru_cache(maxsize=512)
 def geometry(g, transposed=False):
     """The stride-1 geometry of the phase form of ``g``.
 
@@ -91,9 +93,33 @@ def _tap_index(kernel, dilation, stride, transposed):
     return index
 
 
+_device_indices = {}
+
+
+def _on(xp, index):
+    """A cached host index array as an array of ``xp`` (one upload per device)."""
+    if xp is np:
+        return index
+    key = (xp.cuda.runtime.getDevice(), id(index))
+    found = _device_indices.get(key)
+    if found is None or found[0] is not index:
+        if len(_device_indices) > 1024:
+            _device_indices.clear()
+        found = _device_indices[key] = (index, xp.asarray(index))
+    return found[1]
+
+
 def _index(xp, g, transposed):
-    index = _tap_index(g.kernel, g.dilation, g.stride, transposed)
-    return index if xp is np else xp.asarray(index)
+    return _on(xp, _tap_index(g.kernel, g.dilation, g.stride, transposed))
+
+
+@functools.lru_cache(maxsize=256)
+def _gather_order(kernel, dilation, stride):
+    """Positions of taps 0..K-1 in the phase kernel's flat (r, q) order."""
+    order = np.argsort(_tap_index(kernel, dilation, stride, False).reshape(-1), kind="stable")
+    order = order[:math.prod(kernel)]
+    order.setflags(write=False)
+    return order
 
 
 def _with_zero_tap(xp, w, lead, dt):
@@ -132,9 +158,8 @@ def weight_gather(xp, gw, g):
     s = math.prod(g.stride)
     # (Cy, (r, c), *Q) -> (Cy, c, r*Q) -> the taps' entries
     v = gw.reshape((g.y_channels, s, cg, math.prod(extent))).swapaxes(1, 2).reshape(g.y_channels, cg, -1)
-    order = np.argsort(_tap_index(g.kernel, g.dilation, g.stride, False).reshape(-1), kind="stable")
-    order = order[:g.taps]          # the positions holding taps 0..K-1, in tap order
-    return xp.ascontiguousarray(v[..., order if xp is np else xp.asarray(order)]).reshape(g.w_shape)
+    order = _on(xp, _gather_order(g.kernel, g.dilation, g.stride))
+    return xp.ascontiguousarray(v[..., order]).reshape(g.w_shape)
 
 
 def space_to_depth(xp, x, g, dt):
@@ -180,6 +205,7 @@ def crop(xp, buf, g, dt):
 
 # ---------------------------------------------------------------- dilation through the batch
 
+@functools.lru_cache(maxsize=512)
 def batch_geometry(g):
     """The undilated stride-1 geometry of a dilated one, with the D = prod(d) phases of x
     and y stacked into the batch (space-to-batch): output ``o = m*d + r`` reads
