@@ -622,6 +622,15 @@ def test_phases_is_the_untuned_choice_for_k_multiple_of_s_transposed():
     assert eng.choose("forward", k4s2, np.float32).name != "phases"
 
 
+def test_space_to_batch_is_the_untuned_choice_for_dilated_dense_calls():
+    eng = GPUEngine()
+    dilated = geometry((2, 8, 12, 12), (8, 8, 3, 3), padding=2, dilation=2)
+    for op in OPS:
+        assert eng.choose(op, dilated, np.float32).name == "space_to_batch"
+    depthwise = geometry((2, 8, 12, 12), (8, 1, 3, 3), padding=2, dilation=2, groups=8)
+    assert eng.choose("forward", depthwise, np.float32).name != "space_to_batch"
+
+
 def test_flat_gemm_is_the_untuned_weight_gradient_outside_2d():
     eng = GPUEngine()
     for g in (geometry((2, 8, 6, 6, 6), (8, 8, 3, 3, 3), padding=1), geometry((2, 8, 40), (8, 8, 3), padding=1)):

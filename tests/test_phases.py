@@ -170,5 +170,8 @@ def test_space_to_batch_supports_dilated_unit_stride_only():
                             np.float32)
     assert not alg.supports("forward", ndconv.conv_geometry((1, 2, 9, 9), (2, 2, 3, 3), None, 2, 2, 2)[0],
                             np.float32)
+    assert alg.preferred("forward", dilated, np.float32)
+    depthwise, _ = ndconv.conv_geometry((1, 4, 9, 9), (4, 1, 3, 3), None, 1, 2, 2, 4)
+    assert alg.supports("forward", depthwise, np.float32) and not alg.preferred("forward", depthwise, np.float32)
     gb = phases.batch_geometry(dilated)
     assert gb.batch == 4 and gb.dilation == (1, 1) and gb.y_size == (5, 5) and gb.x_size == (7, 7)
