@@ -179,10 +179,13 @@ class CPUEngine:
 
     def backward_input(self, gy, w, g):
         dt = compute_dtype(gy.dtype)
-        gx = np.zeros(g.x_shape, dtype=dt)
         if 0 in g.y_shape or 0 in g.x_shape:
-            return gx.astype(gy.dtype)
+            return np.zeros(g.x_shape, dtype=gy.dtype)
         algorithm = self.choose("backward_input", g, dt)
+        # Paths that write every element get an uninitialised buffer: zeroing a reused
+        # allocation costs a full pass over gx (2.8 of 12.9 ms for a 1-D depthwise layer).
+        writes_all = algorithm in ("flat", "flat_cf") or (algorithm == "depthwise" and self._depthwise_flat_ok(g))
+        gx = np.empty(g.x_shape, dtype=dt) if writes_all else np.zeros(g.x_shape, dtype=dt)
         if algorithm == "depthwise":
             self._backward_input_depthwise(gy, w, g, dt, gx)
         elif algorithm in ("flat", "flat_cf") and phases.unit_stride(g):
@@ -408,8 +411,13 @@ class CPUEngine:
                        *self._depthwise_args(g))
         return y
 
+    @staticmethod
+    def _depthwise_flat_ok(g):
+        """The depthwise input gradient is one flat-taps pass (which stores every element)."""
+        return phases.unit_stride(g) and all(lo <= d * (k - 1) for lo, d, k in zip(g.pad_lo, g.dilation, g.kernel))
+
     def _backward_input_depthwise(self, gy, w, g, dt, gx):
-        if phases.unit_stride(g) and all(lo <= d * (k - 1) for lo, d, k in zip(g.pad_lo, g.dilation, g.kernel)):
+        if self._depthwise_flat_ok(g):
             # as for dense kernels: a forward pass over gy with the flipped kernel
             g2 = replace(g, x_channels=g.y_channels, y_channels=g.x_channels, x_size=g.y_size,
                          y_size=g.x_size, pad_hi=(0,) * g.nd,
