@@ -1,6 +1,7 @@
 """The CuPy engine: the three primitives on an NVIDIA GPU, through a registry of algorithms.
 
-Algorithms (in the order the engine tries them; ``cudnn`` first where installed).
+Algorithms (the registry at the end of this module gives their order and the choice for
+calls nobody tuned; ``cudnn`` is one more candidate where installed).
 ``phases`` and ``space_to_batch`` rewrite a call and hand the rewritten call back to
 the engine, which picks (or tunes) the algorithm for it like for any other call.
 
@@ -292,8 +293,12 @@ def pointwise(g):
     return g.taps == 1 and phases.unit_stride(g) and not any(g.pad_lo) and g.y_size == g.x_size
 
 
-# Priority order = the heuristic for calls nobody tuned: the direct depthwise kernels
-# where they apply, then cuDNN where it is installed, then the generic paths.
+# The heuristic for calls nobody tuned: the first algorithm (in this order) whose
+# ``preferred`` says yes for the call -- each states the measurement behind it: the
+# tiled depthwise kernels, phases for strided transposed calls without wasted taps,
+# space_to_batch for dilated dense calls, flat_gemm for dense weight gradients outside
+# 2-D, the plain GEMMs for 1x1 -- else the first that supports it: cuDNN where it is
+# installed, then the generic paths.
 ALGORITHMS = Registry()
 ALGORITHMS.register(Cudnn())
 ALGORITHMS.register(phases.Phases())
