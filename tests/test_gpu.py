@@ -12,13 +12,9 @@ import zlib
 import numpy as np
 import pytest
 
-cp = pytest.importorskip("cupy")
-try:
-    _HAVE_DEVICE = cp.cuda.runtime.getDeviceCount() > 0
-except Exception:  # no driver / no device
-    _HAVE_DEVICE = False
+from gpu_support import cupy_and_marks
 
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not _HAVE_DEVICE, reason="needs a CUDA device")]
+cp, pytestmark = cupy_and_marks()
 
 import ndconv  # noqa: E402
 from ndconv import functional as F  # noqa: E402

@@ -6,13 +6,9 @@ import json
 import numpy as np
 import pytest
 
-cp = pytest.importorskip("cupy")
-try:
-    _HAVE_DEVICE = cp.cuda.runtime.getDeviceCount() > 0
-except Exception:  # no driver / no device
-    _HAVE_DEVICE = False
+from gpu_support import cupy_and_marks
 
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not _HAVE_DEVICE, reason="needs a CUDA device")]
+cp, pytestmark = cupy_and_marks()
 
 from ndconv.engine import cudnn  # noqa: E402
 from ndconv.engine.autotune import Autotuner  # noqa: E402

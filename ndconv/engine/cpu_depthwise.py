@@ -129,6 +129,12 @@ if AVAILABLE:
                     plane[base + j] = row[j]
 
     @njit(fastmath=True, cache=True)
+    def _three(plane, offsets, t, length):
+        """The plane seen from taps t, t+1, t+2: three shifted views of ``length``."""
+        return (plane[offsets[t]:offsets[t] + length], plane[offsets[t + 1]:offsets[t + 1] + length],
+                plane[offsets[t + 2]:offsets[t + 2] + length])
+
+    @njit(fastmath=True, cache=True)
     def _taps(plane, wk, offsets, acc, length):
         # acc[p] += sum_t wk[t] * plane[p + offsets[t]], six (then three) taps per pass over acc
         # (the loop is bound by loads and stores, not by multiply-adds)
@@ -136,20 +142,14 @@ if AVAILABLE:
         t = 0
         while t + 6 <= k:
             w0, w1, w2, w3, w4, w5 = wk[t], wk[t + 1], wk[t + 2], wk[t + 3], wk[t + 4], wk[t + 5]
-            s0 = plane[offsets[t]:offsets[t] + length]
-            s1 = plane[offsets[t + 1]:offsets[t + 1] + length]
-            s2 = plane[offsets[t + 2]:offsets[t + 2] + length]
-            s3 = plane[offsets[t + 3]:offsets[t + 3] + length]
-            s4 = plane[offsets[t + 4]:offsets[t + 4] + length]
-            s5 = plane[offsets[t + 5]:offsets[t + 5] + length]
+            s0, s1, s2 = _three(plane, offsets, t, length)
+            s3, s4, s5 = _three(plane, offsets, t + 3, length)
             for p in range(length):
                 acc[p] += (w0 * s0[p] + w1 * s1[p] + w2 * s2[p]) + (w3 * s3[p] + w4 * s4[p] + w5 * s5[p])
             t += 6
         while t + 3 <= k:
             w0, w1, w2 = wk[t], wk[t + 1], wk[t + 2]
-            s0 = plane[offsets[t]:offsets[t] + length]
-            s1 = plane[offsets[t + 1]:offsets[t + 1] + length]
-            s2 = plane[offsets[t + 2]:offsets[t + 2] + length]
+            s0, s1, s2 = _three(plane, offsets, t, length)
             for p in range(length):
                 acc[p] += w0 * s0[p] + w1 * s1[p] + w2 * s2[p]
             t += 3
@@ -185,12 +185,8 @@ if AVAILABLE:
         k = offsets.shape[0]
         t = 0
         while t + 6 <= k:
-            s0 = plane[offsets[t]:offsets[t] + length]
-            s1 = plane[offsets[t + 1]:offsets[t + 1] + length]
-            s2 = plane[offsets[t + 2]:offsets[t + 2] + length]
-            s3 = plane[offsets[t + 3]:offsets[t + 3] + length]
-            s4 = plane[offsets[t + 4]:offsets[t + 4] + length]
-            s5 = plane[offsets[t + 5]:offsets[t + 5] + length]
+            s0, s1, s2 = _three(plane, offsets, t, length)
+            s3, s4, s5 = _three(plane, offsets, t + 3, length)
             a0 = a1 = a2 = a3 = a4 = a5 = g.dtype.type(0)
             for p in range(length):
                 gv = g[p]
@@ -208,9 +204,7 @@ if AVAILABLE:
             out[t + 5] += a5
             t += 6
         while t + 3 <= k:
-            s0 = plane[offsets[t]:offsets[t] + length]
-            s1 = plane[offsets[t + 1]:offsets[t + 1] + length]
-            s2 = plane[offsets[t + 2]:offsets[t + 2] + length]
+            s0, s1, s2 = _three(plane, offsets, t, length)
             a0 = a1 = a2 = g.dtype.type(0)
             for p in range(length):
                 gv = g[p]

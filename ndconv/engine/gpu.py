@@ -50,12 +50,12 @@ from .cudnn import Cudnn
 from .cudnn import version as cudnn_version
 from .gpu_depthwise import DepthwiseTiled
 from .gpu_flat import FlatGemm
+from .registry import FLOATS as _FLOATS
 from .registry import OPS, Algorithm, NotApplicable, Registry, check_op
 
 DEFAULT_WORKSPACE = 1 << 30
 _THREADS = 256
 _MAX_BLOCKS = 1 << 20          # grid-stride loops cover the rest
-_FLOATS = ("float16", "float32", "float64")
 
 
 def compute_dtype(dtype):

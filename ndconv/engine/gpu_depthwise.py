@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .registry import FLOATS as _FLOATS
 from .registry import OPS, Algorithm
 
 #: static shared memory a block may use
@@ -38,7 +39,6 @@ WGRAD_BLOCKS = 2048
 MAX_BLOCKS = 1 << 20
 #: forward / input gradient: one block per tile of a plane along grid x
 MAX_GRID_X = (1 << 31) - 1
-_FLOATS = ("float16", "float32", "float64")
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ import numpy as np
 from cupy.lib.stride_tricks import as_strided
 
 from . import gpu_blas, phases
-from .registry import OPS, Algorithm
+from .registry import FLOATS, OPS, Algorithm
 
 _INT_MAX = 2 ** 31 - 1
 
@@ -53,12 +53,13 @@ class FlatGemm(Algorithm):
     max_groups = 64          # past that the per-group GEMMs are too small to pay
 
     def supports(self, op, g, dtype):
-        if op not in OPS or g.nd not in (1, 2, 3) or np.dtype(dtype).name not in ("float32", "float64", "float16"):
+        if op not in OPS or g.nd not in (1, 2, 3) or np.dtype(dtype).name not in FLOATS:
             return False
         if not phases.unit_stride(g) or g.groups > self.max_groups or g.depthwise:
             return False
-        length = g.batch * math.prod(extent(g))
-        return length + self._tail(g) <= _INT_MAX and max(g.x_channels, g.y_channels) <= _INT_MAX // max(1, length)
+        ext = extent(g)
+        length = g.batch * math.prod(ext)
+        return length + self._tail(g, ext) <= _INT_MAX and max(g.x_channels, g.y_channels) <= _INT_MAX // max(1, length)
 
     def preferred(self, op, g, dtype):
         # cuDNN's deterministic weight-gradient kernels are weak outside 2-D (measured on
@@ -67,8 +68,8 @@ class FlatGemm(Algorithm):
         return op == "backward_weight" and g.groups == 1 and g.nd != 2
 
     @staticmethod
-    def _tail(g):
-        ext = extent(g)
+    def _tail(g, ext):
+        """Elements past the last sample that the shifted views of the last taps read."""
         return sum((k - 1) * d * p for k, d, p in zip(g.kernel, g.dilation, _pitch(ext)))
 
     def run(self, engine, op, a, b, g):
@@ -88,7 +89,7 @@ class FlatGemm(Algorithm):
     def _x_flat(self, engine, x, g, ext, dt):
         """(Cx, N*L + tail): x zero-padded at pitch L, channel-major."""
         total = g.batch * math.prod(ext)
-        xf = cp.zeros((g.x_channels, total + self._tail(g)), dtype=dt)
+        xf = cp.zeros((g.x_channels, total + self._tail(g, ext)), dtype=dt)
         view = xf[:, :total].reshape((g.x_channels, g.batch) + ext).swapaxes(0, 1)
         phases.copy_unpadded(x, view, g.pad_lo, 0)
         engine._note(xf)
@@ -98,7 +99,7 @@ class FlatGemm(Algorithm):
         """(Cy, N*L): gy at the padded pitch, zeros elsewhere."""
         gf = cp.zeros((g.y_channels, g.batch * math.prod(ext)), dtype=dt)
         view = gf.reshape((g.y_channels, g.batch) + ext).swapaxes(0, 1)
-        view[(slice(None), slice(None)) + tuple(slice(0, y) for y in g.y_size)] = gy
+        view[phases.leading(g.y_size)] = gy
         engine._note(gf)
         return gf
 
@@ -129,14 +130,13 @@ class FlatGemm(Algorithm):
         wt = self._taps(w, g, dt)
         for tap, off in enumerate(_offsets(g, ext)):
             gpu_blas.matmul(wt[tap], self._grouped(xf, g.groups, off, total), out=out, accumulate=tap > 0)
-        y = yf.reshape((g.y_channels, g.batch) + ext)[(slice(None), slice(None))
-                                                      + tuple(slice(0, v) for v in g.y_size)]
+        y = yf.reshape((g.y_channels, g.batch) + ext)[phases.leading(g.y_size)]
         return cp.ascontiguousarray(y.swapaxes(0, 1), dtype=dt)
 
     def _backward_input(self, engine, gy, w, g, ext, dt):
         gf = self._y_flat(engine, gy, g, ext, dt)
         total = g.batch * math.prod(ext)
-        xf = cp.zeros((g.x_channels, total + self._tail(g)), dtype=dt)
+        xf = cp.zeros((g.x_channels, total + self._tail(g, ext)), dtype=dt)
         engine._note(gf, xf)
         wt = self._taps(w, g, dt).transpose(0, 1, 3, 2)             # (K, G, Cx/G, Cy/G)
         src = self._grouped(gf, g.groups, 0, total)

@@ -27,9 +27,9 @@ from dataclasses import replace
 
 import numpy as np
 
+from . import array_module
+from .registry import FLOATS as _FLOATS
 from .registry import OPS, Algorithm
-
-_FLOATS = ("float16", "float32", "float64")
 
 
 def unit_stride(g):
@@ -37,12 +37,16 @@ def unit_stride(g):
 
 
 @functools.lru_cache(maxsize=512)
+def _split(kernel, dilation, stride):
+    r = [[(k * d) % s for k in range(n)] for n, d, s in zip(kernel, dilation, stride)]
+    q = [[(k * d) // s for k in range(n)] for n, d, s in zip(kernel, dilation, stride)]
+    extent = tuple(d * (n - 1) // s + 1 for n, d, s in zip(kernel, dilation, stride))
+    return r, q, extent
+
+
 def taps(g):
     """Per dim: each tap's phase r and offset q (k*d = q*s + r), and the taps per phase Q."""
-    r = [[(k * d) % s for k in range(n)] for n, d, s in zip(g.kernel, g.dilation, g.stride)]
-    q = [[(k * d) // s for k in range(n)] for n, d, s in zip(g.kernel, g.dilation, g.stride)]
-    extent = tuple(d * (n - 1) // s + 1 for n, d, s in zip(g.kernel, g.dilation, g.stride))
-    return r, q, extent
+    return _split(g.kernel, g.dilation, g.stride)
 
 
 def waste(g):
@@ -81,9 +85,7 @@ def _tap_index(kernel, dilation, stride, transposed):
     Convolution: phase tap j = q.  Transposed (a correlation over gy padded by Q-1):
     phase tap j = Q-1-q.
     """
-    r = [[(k * d) % s for k in range(n)] for n, d, s in zip(kernel, dilation, stride)]
-    q = [[(k * d) // s for k in range(n)] for n, d, s in zip(kernel, dilation, stride)]
-    extent = tuple(d * (n - 1) // s + 1 for n, d, s in zip(kernel, dilation, stride))
+    r, q, extent = _split(kernel, dilation, stride)
     index = np.full(tuple(stride) + extent, math.prod(kernel), dtype=np.int64)
     for flat, tap in enumerate(np.ndindex(*kernel)):
         ph = tuple(r[i][t] for i, t in enumerate(tap))
@@ -247,7 +249,7 @@ def y_to_batch(xp, y, g, dt):
     """y (N, Cy, *Y) -> (D*N, Cy, *m_out), zeros past Y."""
     gb = batch_geometry(g)
     buf = xp.zeros(y.shape[:2] + tuple(m * d for m, d in zip(gb.y_size, g.dilation)), dtype=dt)
-    buf[(slice(None), slice(None)) + tuple(slice(0, v) for v in g.y_size)] = y
+    buf[leading(g.y_size)] = y
     return _to_batch(xp, buf, g.dilation)
 
 
@@ -275,7 +277,7 @@ class SpaceToBatch(Algorithm):
         gb = batch_geometry(g.with_batch(1))
         per_sample = 2 * dt.itemsize * math.prod(g.dilation) * (
             g.x_channels * math.prod(gb.x_size) + g.y_channels * math.prod(gb.y_size))
-        inside = (slice(None), slice(None)) + tuple(slice(0, v) for v in g.y_size)
+        inside = leading(g.y_size)
 
         def part(n0, n1, gc):
             if op == "forward":
@@ -321,6 +323,11 @@ def batch_chunks(engine, g, per_sample):
 
 # ---------------------------------------------------------------- padded coordinates
 
+def leading(size):
+    """Index of the leading ``size`` positions of every spatial dim of an (N, C, ...) array."""
+    return (slice(None), slice(None)) + tuple(slice(0, v) for v in size)
+
+
 def overlap(size, lo, start, extent):
     """Buffer range [r0, r1) of a padded-coordinate buffer (first element at padded
     coordinate ``start``) that holds real positions of an axis of ``size``, and the
@@ -360,13 +367,6 @@ def add_unpadded(buf, gx, g, n0, n1, start0):
 
 
 # ---------------------------------------------------------------- as an engine algorithm
-
-def array_module(a):
-    if type(a).__module__.split(".")[0] == "cupy":
-        import cupy
-        return cupy
-    return np
-
 
 class Phases(Algorithm):
     """A strided call as a stride-1 call over the input's phases (see the module docstring).

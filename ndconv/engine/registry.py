@@ -9,6 +9,8 @@ registry can be inspected (and tested) where no GPU exists.
 from __future__ import annotations
 
 OPS = ("forward", "backward_input", "backward_weight")
+#: the dtypes every engine computes in (float16 accumulates in float32)
+FLOATS = ("float16", "float32", "float64")
 
 
 def check_op(op, allow_all=False):
