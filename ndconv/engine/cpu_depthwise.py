@@ -162,6 +162,8 @@ if AVAILABLE:
 
     @njit(fastmath=True, cache=True)
     def _store_plane(acc, out, pitch0, pitch1):
+        # Kept apart from its inverse _scatter_plane: one function with a direction flag
+        # made the depthwise forward 1.4x slower (the stores stopped vectorising).
         for o0 in range(out.shape[0]):
             for o1 in range(out.shape[1]):
                 base = o0 * pitch0 + o1 * pitch1
