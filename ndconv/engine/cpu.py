@@ -35,6 +35,7 @@ from numpy.lib.stride_tricks import as_strided
 from . import autotune
 from . import cpu_depthwise as dw
 from . import phases
+from .phases import need_extent
 
 DEFAULT_WORKSPACE = 256 << 20
 OPS = ("forward", "backward_input", "backward_weight")
@@ -43,12 +44,6 @@ OPS = ("forward", "backward_input", "backward_weight")
 def compute_dtype(dtype):
     """float16 is computed (accumulated) in float32."""
     return np.dtype(np.float32) if dtype == np.float16 else np.dtype(dtype)
-
-
-def need_extent(g):
-    """Per dim, how much of the padded input the windows read: (o-1)s + d(k-1) + 1."""
-    return tuple((o - 1) * s + d * (k - 1) + 1
-                 for o, s, d, k in zip(g.y_size, g.stride, g.dilation, g.kernel))
 
 
 class CPUEngine:
@@ -191,9 +186,7 @@ class CPUEngine:
         elif algorithm in ("flat", "flat_cf") and phases.unit_stride(g):
             # The input gradient is a forward convolution of gy with the flipped,
             # group-transposed kernel and the complementary padding.
-            g2 = replace(g, x_channels=g.y_channels, y_channels=g.x_channels, x_size=g.y_size,
-                         y_size=g.x_size, pad_hi=(0,) * g.nd,
-                         pad_lo=tuple(d * (k - 1) - lo for lo, d, k in zip(g.pad_lo, g.dilation, g.kernel)))
+            g2 = _flipped_geometry(g)
             flipped = _flip_weight(w, g, dt)
             for n0, n1 in self._batches(g, dt):
                 self._forward_flat(gy[n0:n1], flipped, g2.with_batch(n1 - n0), dt, gx[n0:n1],
@@ -419,9 +412,7 @@ class CPUEngine:
     def _backward_input_depthwise(self, gy, w, g, dt, gx):
         if self._depthwise_flat_ok(g):
             # as for dense kernels: a forward pass over gy with the flipped kernel
-            g2 = replace(g, x_channels=g.y_channels, y_channels=g.x_channels, x_size=g.y_size,
-                         y_size=g.x_size, pad_hi=(0,) * g.nd,
-                         pad_lo=tuple(d * (k - 1) - lo for lo, d, k in zip(g.pad_lo, g.dilation, g.kernel)))
+            g2 = _flipped_geometry(g)
             offsets, plane = self._flat_plan(g2)
             flipped = np.ascontiguousarray(
                 np.asarray(w, dtype=dt)[(slice(None), 0) + (slice(None, None, -1),) * g.nd]).reshape(g.y_channels, -1)
@@ -606,6 +597,14 @@ def _to_unit_stride(x, w, g, dt):
         return x, w, g
     ws = None if w is None else phases.weight(np, w, g, dt)
     return phases.space_to_depth(np, x, g, dt), ws, phases.geometry(g)
+
+
+def _flipped_geometry(g):
+    """The stride-1 input gradient as a forward geometry: gy convolved with the flipped
+    kernel under the complementary padding d(k-1) - lo (which must not be negative)."""
+    return replace(g, x_channels=g.y_channels, y_channels=g.x_channels, x_size=g.y_size, y_size=g.x_size,
+                   pad_hi=(0,) * g.nd,
+                   pad_lo=tuple(d * (k - 1) - lo for lo, d, k in zip(g.pad_lo, g.dilation, g.kernel)))
 
 
 def _flip_weight(w, g, dt):

@@ -26,14 +26,10 @@ import numpy as np
 from cupy.lib.stride_tricks import as_strided
 
 from . import gpu_blas, phases
+from .phases import need_extent as extent     # stride 1: the outputs plus the kernel span
 from .registry import FLOATS, OPS, Algorithm
 
 _INT_MAX = 2 ** 31 - 1
-
-
-def extent(g):
-    """Padded extent each dim must have for stride 1: the outputs plus the kernel span."""
-    return tuple(y + d * (k - 1) for y, d, k in zip(g.y_size, g.dilation, g.kernel))
 
 
 def _pitch(ext):

@@ -323,6 +323,12 @@ def batch_chunks(engine, g, per_sample):
 
 # ---------------------------------------------------------------- padded coordinates
 
+def need_extent(g):
+    """Per dim, how much of the padded input the windows read: (o-1)s + d(k-1) + 1."""
+    return tuple((o - 1) * s + d * (k - 1) + 1
+                 for o, s, d, k in zip(g.y_size, g.stride, g.dilation, g.kernel))
+
+
 def leading(size):
     """Index of the leading ``size`` positions of every spatial dim of an (N, C, ...) array."""
     return (slice(None), slice(None)) + tuple(slice(0, v) for v in size)
