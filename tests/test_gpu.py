@@ -24,7 +24,9 @@ from ndconv.engine.gpu import ALGORITHMS, GPUEngine  # noqa: E402
 from ndconv.engine.registry import OPS  # noqa: E402
 from ndconv.geometry import ConvGeometry, conv_geometry, conv_transpose_geometry  # noqa: E402
 
-ALGOS = ALGORITHMS.names()
+# plane compiles one module per geometry: random sweeps over every algorithm would spend
+# minutes compiling; tests/test_gpu_plane.py covers it.
+ALGOS = tuple(name for name in ALGORITHMS.names() if name != "plane")
 DTYPES = ("float64", "float32", "float16")
 TOL = {"float64": 1e-11, "float32": 1e-5, "float16": 4e-3}
 
@@ -640,7 +642,7 @@ def test_optimize_caches_a_choice():
     eng = GPUEngine()
     choice = eng.optimize(g, np.float32)
     assert set(choice) == set(OPS)
-    assert all(name in ALGOS for name in choice.values())
+    assert all(name in ALGORITHMS.names() for name in choice.values())
     for op in OPS:
         assert eng.choose(op, g, np.float32).name == choice[op]
     assert eng.optimize(g, "float32") == choice                      # cached

@@ -49,6 +49,7 @@ from . import autotune, gpu_blas, gpu_kernels, phases
 from .cudnn import Cudnn
 from .cudnn import version as cudnn_version
 from .gpu_depthwise import DepthwiseTiled
+from .gpu_plane import Plane
 from .gpu_flat import FlatGemm
 from .registry import FLOATS as _FLOATS
 from .registry import OPS, Algorithm, NotApplicable, Registry, check_op
@@ -305,6 +306,7 @@ ALGORITHMS.register(phases.Phases())
 ALGORITHMS.register(phases.SpaceToBatch())
 ALGORITHMS.register(FlatGemm())
 ALGORITHMS.register(DepthwiseTiled())
+ALGORITHMS.register(Plane())
 ALGORITHMS.register(DepthwiseDirect())
 ALGORITHMS.register(Im2colGemm())
 

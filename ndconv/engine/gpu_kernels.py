@@ -399,6 +399,29 @@ def source(nd, dtype_name):
 #   dw_tiled_wgrad_final  gw[co, tap] = sum over chunks, in order
 # No atomics anywhere: the results are bitwise reproducible.
 
+# A thread's window of one shared-memory row into registers, VEC values per load.
+_LOAD_WIN = r"""// win[0 .. WINV) = row[0 .. WINV); row is VEC-aligned (the layouts keep row starts multiples of VEC).
+__device__ __forceinline__ void load_win(const ACC* row, ACC* win) {
+#if VEC == 4
+#pragma unroll
+    for (int j = 0; j < WINV; j += 4) {
+        const VT q = *reinterpret_cast<const VT*>(row + j);
+        win[j] = q.x; win[j + 1] = q.y; win[j + 2] = q.z; win[j + 3] = q.w;
+    }
+#elif VEC == 2
+#pragma unroll
+    for (int j = 0; j < WINV; j += 2) {
+        const VT q = *reinterpret_cast<const VT*>(row + j);
+        win[j] = q.x; win[j + 1] = q.y;
+    }
+#else
+#pragma unroll
+    for (int j = 0; j < WINV; ++j) win[j] = row[j];
+#endif
+}
+"""
+
+
 _TILED_TEMPLATE = r"""
 #define IS_HALF __IS_HALF__
 typedef long long i64;
@@ -481,26 +504,7 @@ __device__ __forceinline__ void divmod(i64 a, i64 b, i64& q, i64& r) {
     }
 }
 
-// win[0 .. WINV) = row[0 .. WINV); row is VEC-aligned (IWP and bx*VX*SX are multiples of VEC).
-__device__ __forceinline__ void load_win(const ACC* row, ACC* win) {
-#if VEC == 4
-#pragma unroll
-    for (int j = 0; j < WINV; j += 4) {
-        const VT q = *reinterpret_cast<const VT*>(row + j);
-        win[j] = q.x; win[j + 1] = q.y; win[j + 2] = q.z; win[j + 3] = q.w;
-    }
-#elif VEC == 2
-#pragma unroll
-    for (int j = 0; j < WINV; j += 2) {
-        const VT q = *reinterpret_cast<const VT*>(row + j);
-        win[j] = q.x; win[j + 1] = q.y;
-    }
-#else
-#pragma unroll
-    for (int j = 0; j < WINV; ++j) win[j] = row[j];
-#endif
-}
-
+__LOAD_WIN__
 // acc[v] += sum over the taps of w * tile, for the thread's VX outputs.
 __device__ __forceinline__ void conv_tile(const ACC* sx, const ACC* sw, int bx, int by, ACC* acc) {
 #pragma unroll
@@ -722,7 +726,293 @@ def tiled_source(dtype_name, kernel, stride, dilation, bx, by, vx, vec, use_wind
         subs[f"__K{axis}__"] = kernel[i]
         subs[f"__S{axis}__"] = stride[i]
         subs[f"__D{axis}__"] = dilation[i]
-    src = _TILED_TEMPLATE.replace("__HALF_IO__", _HALF_IO)
+    src = _TILED_TEMPLATE.replace("__HALF_IO__", _HALF_IO).replace("__LOAD_WIN__", _LOAD_WIN)
     for key, value in subs.items():
         src = src.replace(key, str(value))
     return src
+
+
+# ====================================================================== grouped, whole planes
+#
+# See gpu_plane.py for the plan.  Every size is a compile-time #define (__DEFINES__):
+# CIG/COG input/output channels per group, K*/S*/D* kernel, stride, dilation, X*/Y*
+# source and destination sizes, L* low padding, TZ output slices per block, VX outputs
+# per thread along X, VEC values per shared-memory load, NT threads, FLIP (input
+# gradient: gy in, kernel flipped, group block transposed), USE_WIN, VST (vector
+# stores), WGRAD (which kernels the module holds), CHUNK (weight gradient: steps per part).
+#
+#   plane_conv          dst[n, grp*COG+o] = sum_{ic, k} w * src[n, grp*CIG+ic]
+#   plane_wgrad         partial[co, icb, part, ic, tap] = sum over the part's (n, slab)
+#                       steps, for the CIB input channels of block icb
+#   plane_wgrad_final   gw[co, ic, tap] = sum over parts, in order
+_PLANE_TEMPLATE = r"""
+#define IS_HALF __IS_HALF__
+typedef long long i64;
+typedef __STORAGE__ T;
+typedef __ACC__ ACC;
+typedef __VEC_T__ VT;
+
+__HALF_IO__
+
+__DEFINES__
+
+#define KT (KZ * KY * KX)
+#define SEGS ((YX + VX - 1) / VX)
+#define WIN ((VX - 1) * SX + (KX - 1) * DX + 1)
+#define WINV (((WIN + VEC - 1) / VEC) * VEC)
+#define IZ ((TZ - 1) * SZ + (KZ - 1) * DZ + 1)
+#define PY ((YY - 1) * SY + (KY - 1) * DY + 1)
+#define PXP ((SEGS - 1) * VX * SX + WINV)
+#define SLAB (IZ * PY * PXP)
+#define ITEMS (TZ * YY * SEGS)
+#define NWARPS (NT / 32)
+#define XS ((i64)XZ * XY * XX)
+#define YPLANE ((i64)YY * YX)
+#define LOAD_BATCH 8
+
+__LOAD_WIN__
+
+// s = the C planes of src (channel stride XS) over input depths z0 .. z0+IZ-1, all
+// rows and columns with the padding, zero outside the input.  Loads are issued in
+// batches before their shared-memory stores, so that many are in flight.
+template <int C>
+__device__ __forceinline__ void fill(ACC* s, const T* __restrict__ src, int z0) {
+    const int tid = threadIdx.x;
+#pragma unroll 1
+    for (int i0 = 0; i0 < C * SLAB; i0 += LOAD_BATCH * NT) {
+        ACC v[LOAD_BATCH];
+#pragma unroll
+        for (int b = 0; b < LOAD_BATCH; ++b) {
+            const int i = i0 + b * NT + tid;
+            v[b] = 0;
+            if (i < C * SLAB) {
+                const int ic = i / SLAB, r = i - ic * SLAB;
+                const int row = r / PXP, col = r - row * PXP;
+                const int zz = row / PY, yy = row - zz * PY;
+                const int iz = z0 + zz, iy = yy - LY, ix = col - LX;
+                if (iz >= 0 && iz < XZ && iy >= 0 && iy < XY && ix >= 0 && ix < XX)
+                    v[b] = ld(src, ic * XS + ((i64)iz * XY + iy) * XX + ix);
+            }
+        }
+#pragma unroll
+        for (int b = 0; b < LOAD_BATCH; ++b) {
+            const int i = i0 + b * NT + tid;
+            if (i < C * SLAB) s[i] = v[b];
+        }
+    }
+}
+
+// VX outputs at p (p is VX-aligned when VST says so).
+__device__ __forceinline__ void store_outputs(T* p, int ox0, const ACC* a) {
+#if VST && VX == 4
+    float4 q;
+    q.x = a[0]; q.y = a[1]; q.z = a[2]; q.w = a[3];
+    *reinterpret_cast<float4*>(p) = q;
+#elif VST && VX == 2
+    double2 q;
+    q.x = a[0]; q.y = a[1];
+    *reinterpret_cast<double2*>(p) = q;
+#else
+#pragma unroll
+    for (int v = 0; v < VX; ++v)
+        if (ox0 + v < YX) st(p, v, a[v]);
+#endif
+}
+
+#if !WGRAD
+extern "C" __global__ void __launch_bounds__(NT)
+plane_conv(const T* __restrict__ x, const T* __restrict__ w, T* __restrict__ y,
+           i64 Csrc, i64 Cdst, i64 N) {
+    __shared__ __align__(16) ACC sx[CIG * SLAB];
+    __shared__ ACC sw[CIG * COG * KT];
+    const int tid = threadIdx.x;
+    const int oz0 = blockIdx.x * TZ;
+    const i64 grp = blockIdx.y;
+    // sw[ic, o, tap]: the weight that output channel o of the group applies to input
+    // channel ic (FLIP: the forward weight of the swapped pair, flipped)
+    for (int i = tid; i < CIG * COG * KT; i += NT) {
+        const int ic = i / (COG * KT), o = (i / KT) % COG, k = i % KT;
+#if FLIP
+        sw[i] = ld(w, ((grp * CIG + ic) * COG + o) * KT + (KT - 1 - k));
+#else
+        sw[i] = ld(w, ((grp * COG + o) * CIG + ic) * KT + k);
+#endif
+    }
+    for (i64 n = blockIdx.z; n < N; n += gridDim.z) {
+        __syncthreads();                           // sw is written; sx is free
+        fill<CIG>(sx, x + (n * Csrc + grp * CIG) * XS, oz0 * SZ - LZ);
+        __syncthreads();
+        for (int item = tid; item < ITEMS; item += NT) {
+            const int ozl = item / (YY * SEGS), r = item - ozl * (YY * SEGS);
+            const int oy = r / SEGS, seg = r - oy * SEGS;
+            const int oz = oz0 + ozl;
+            if (oz >= YZ) break;                   // items run in depth order
+            ACC acc[COG][VX];
+#pragma unroll
+            for (int o = 0; o < COG; ++o)
+#pragma unroll
+                for (int v = 0; v < VX; ++v) acc[o][v] = 0;
+#pragma unroll 1
+            for (int ic = 0; ic < CIG; ++ic) {
+                const ACC* base = sx + ic * SLAB + (ozl * SZ * PY + oy * SY) * PXP + seg * VX * SX;
+                const ACC* wic = sw + ic * COG * KT;
+#pragma unroll
+                for (int kz = 0; kz < KZ; ++kz) {
+#pragma unroll
+                    for (int ky = 0; ky < KY; ++ky) {
+                        const ACC* row = base + (kz * DZ * PY + ky * DY) * PXP;
+                        const ACC* wk = wic + (kz * KY + ky) * KX;
+#if USE_WIN
+                        ACC win[WINV];
+                        load_win(row, win);
+#pragma unroll
+                        for (int kx = 0; kx < KX; ++kx)
+#pragma unroll
+                            for (int o = 0; o < COG; ++o) {
+                                const ACC wv = wk[o * KT + kx];
+#pragma unroll
+                                for (int v = 0; v < VX; ++v) acc[o][v] += wv * win[v * SX + kx * DX];
+                            }
+#else
+#pragma unroll 4
+                        for (int kx = 0; kx < KX; ++kx)
+#pragma unroll
+                            for (int o = 0; o < COG; ++o) {
+                                const ACC wv = wk[o * KT + kx];
+#pragma unroll
+                                for (int v = 0; v < VX; ++v) acc[o][v] += wv * row[v * SX + kx * DX];
+                            }
+#endif
+                    }
+                }
+            }
+            const int ox0 = seg * VX;
+#pragma unroll
+            for (int o = 0; o < COG; ++o)
+                store_outputs(y + ((n * Cdst + grp * COG + o) * YZ + oz) * YPLANE + oy * YX + ox0, ox0, acc[o]);
+        }
+    }
+}
+
+#else
+// Block b = (co, icb, part): sums gy[co] * x[input channels icb*CIB .. of the group]
+// for those CIB*KT weights of output channel co over steps part*CHUNK .. (a step =
+// one (n, slab)); each thread keeps CIB*KT sums, then a fixed-order reduction (warp
+// shuffles, then the warps in order) writes partial[b, ic, tap].
+extern "C" __global__ void __launch_bounds__(NT)
+plane_wgrad(const T* __restrict__ x, const T* __restrict__ gy, ACC* __restrict__ partial,
+            i64 Cx, i64 Cy, i64 N, i64 P) {
+    __shared__ __align__(16) ACC sx[CIB * SLAB];
+    __shared__ ACC red[NWARPS * CIB * KT];
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const i64 slabs = (YZ + TZ - 1) / TZ, steps = N * slabs;
+    for (i64 b = blockIdx.x; b < Cy * ICBLK * P; b += gridDim.x) {
+        const i64 co = b / (ICBLK * P), r0 = b - co * (ICBLK * P);
+        const i64 icb = r0 / P, part = r0 - icb * P;
+        const i64 c0 = co / COG * CIG + icb * CIB;
+        ACC acc[CIB * KT];
+#pragma unroll
+        for (int j = 0; j < CIB * KT; ++j) acc[j] = 0;
+        const i64 t0 = part * CHUNK, t1 = steps < t0 + CHUNK ? steps : t0 + CHUNK;
+        for (i64 t = t0; t < t1; ++t) {
+            const i64 n = t / slabs;
+            const int oz0 = (int)(t - n * slabs) * TZ;
+            __syncthreads();                       // the previous step is done with sx
+            fill<CIB>(sx, x + (n * Cx + c0) * XS, oz0 * SZ - LZ);
+            __syncthreads();
+            for (int item = tid; item < ITEMS; item += NT) {
+                const int ozl = item / (YY * SEGS), r = item - ozl * (YY * SEGS);
+                const int oy = r / SEGS, seg = r - oy * SEGS;
+                const int oz = oz0 + ozl;
+                if (oz >= YZ) break;
+                const int ox0 = seg * VX;
+                const T* gyr = gy + ((n * Cy + co) * YZ + oz) * YPLANE + oy * YX + ox0;
+                ACC gv[VX];
+#pragma unroll
+                for (int v = 0; v < VX; ++v) gv[v] = ox0 + v < YX ? ld(gyr, v) : (ACC)0;
+#pragma unroll
+                for (int ic = 0; ic < CIB; ++ic) {
+                    const ACC* base = sx + ic * SLAB + (ozl * SZ * PY + oy * SY) * PXP + seg * VX * SX;
+#pragma unroll
+                    for (int kz = 0; kz < KZ; ++kz) {
+#pragma unroll
+                        for (int ky = 0; ky < KY; ++ky) {
+                            const ACC* row = base + (kz * DZ * PY + ky * DY) * PXP;
+                            ACC* ak = acc + ic * KT + (kz * KY + ky) * KX;
+#if USE_WIN
+                            ACC win[WINV];
+                            load_win(row, win);
+#pragma unroll
+                            for (int kx = 0; kx < KX; ++kx) {
+                                ACC s = 0;
+#pragma unroll
+                                for (int v = 0; v < VX; ++v) s += gv[v] * win[v * SX + kx * DX];
+                                ak[kx] += s;
+                            }
+#else
+#pragma unroll
+                            for (int kx = 0; kx < KX; ++kx) {
+                                ACC s = 0;
+#pragma unroll
+                                for (int v = 0; v < VX; ++v) s += gv[v] * row[v * SX + kx * DX];
+                                ak[kx] += s;
+                            }
+#endif
+                        }
+                    }
+                }
+            }
+        }
+#pragma unroll
+        for (int j = 0; j < CIB * KT; ++j) {
+            ACC v = acc[j];
+#pragma unroll
+            for (int off = 16; off > 0; off >>= 1) v += __shfl_down_sync(0xffffffffu, v, off);
+            if (lane == 0) red[warp * CIB * KT + j] = v;
+        }
+        __syncthreads();
+        for (int j = tid; j < CIB * KT; j += NT) {
+            ACC s = 0;
+#pragma unroll
+            for (int wi = 0; wi < NWARPS; ++wi) s += red[wi * CIB * KT + j];
+            partial[b * CIB * KT + j] = s;
+        }
+        __syncthreads();                           // red is read before the next b reuses it
+    }
+}
+
+// gw[co, ic, tap] = sum over parts p < P of partial[co, ic / CIB, p, ic % CIB, tap], in order.
+extern "C" __global__ void plane_wgrad_final(const ACC* __restrict__ partial, T* __restrict__ gw,
+                                             i64 Cy, i64 P) {
+    const i64 per = CIG * KT, total = Cy * per;
+    for (i64 idx = (i64)blockIdx.x * blockDim.x + threadIdx.x; idx < total;
+         idx += (i64)blockDim.x * gridDim.x) {
+        const i64 co = idx / per, j = idx - co * per;
+        const i64 icb = j / (CIB * KT), jj = j - icb * (CIB * KT);
+        const ACC* src = partial + (co * ICBLK + icb) * P * (CIB * KT) + jj;
+        ACC s = 0;
+        for (i64 p = 0; p < P; ++p) s += src[p * (CIB * KT)];
+        st(gw, idx, s);
+    }
+}
+#endif
+"""
+
+
+def plane_source(dtype_name, consts):
+    """CUDA source of the whole-plane grouped kernels for one geometry (``consts``: name -> int,
+    as :func:`ndconv.engine.gpu_plane.plan` gives them)."""
+    try:
+        storage, acc, is_half = _TYPES[dtype_name]
+    except KeyError:
+        raise ValueError(f"dtype must be float16, float32 or float64, got dtype={dtype_name!r}") from None
+    consts = dict(consts)
+    vx, yx = consts["VX"], consts["YX"]
+    vst = int((storage == "float" and vx == 4 or storage == "double" and vx == 2) and yx % vx == 0)
+    for name, value in (("CHUNK", 1), ("CIB", consts["CIG"]), ("ICBLK", 1)):
+        consts.setdefault(name, value)
+    defines = "\n".join(f"#define {k} {int(v)}" for k, v in sorted(consts.items())) + f"\n#define VST {vst}"
+    return (_PLANE_TEMPLATE.replace("__HALF_IO__", _HALF_IO).replace("__LOAD_WIN__", _LOAD_WIN)
+            .replace("__DEFINES__", defines).replace("__IS_HALF__", str(is_half))
+            .replace("__STORAGE__", storage).replace("__ACC__", acc)
+            .replace("__VEC_T__", _TILED_VECTORS[acc][consts["VEC"]]))

@@ -1,0 +1,233 @@
+"""Whole-plane kernels for grouped and depthwise convolutions: the ``plane`` GPU algorithm.
+
+Every problem is seen as 3-D (Z, Y, X): a 1-D call is (1, 1, L), a 2-D call is
+(H, 1, W), so that its rows can be cut into slabs.  One block owns, for one sample
+and one group, a slab of ``TZ`` output depth slices; it copies the input it reads
+(all ``CIG`` input channels of the group, the slab's depth taps, every row and
+column plus padding) into shared memory once, then each thread computes ``VX``
+consecutive outputs of a row for all ``COG`` output channels of the group from
+registers.  All sizes are compile-time constants, so every loop over taps and
+outputs unrolls and every index division is a multiply; one module is compiled
+per geometry (channel and batch counts stay run-time arguments).
+
+Input gradient (stride 1): the forward code run on ``gy`` with the kernel flipped
+and the group's weight block transposed (``FLIP``), padding ``(K-1)*D - L``.
+Weight gradient: block (output channel, part) sums ``gy*x`` for all ``CIG*KT``
+weights of that channel over a fixed chunk of (sample, slab) steps, reduces in a
+fixed order inside the block, and a second kernel adds the parts in order.  The
+chunking depends on the geometry only: results are bitwise reproducible.
+
+The planning half is plain Python, checked without a GPU.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import numpy as np
+
+from .registry import FLOATS as _FLOATS
+from .registry import OPS, Algorithm
+
+#: static shared memory a block may use
+SMEM_LIMIT = 48 * 1024
+#: accumulators of one thread: COG*VX (forward) or CIB*KT (weight gradient; up to
+#: WGRAD_MAX_TAPS when one channel's taps alone are more)
+MAX_ACC = 32
+MAX_WGRAD_ACC = 36
+WGRAD_MAX_TAPS = 64
+MAX_TAPS = 512
+#: registers for a thread's window of one input row
+MAX_WINDOW = 40
+#: weight-gradient blocks aimed for (geometry-only, so the summation order never
+#: depends on the device)
+WGRAD_BLOCKS = 4096
+MAX_GRID = 65535
+
+
+def _ceil(a, b):
+    return -(-a // b)
+
+
+def view3(g, x_or_y):
+    """Sizes of ``x`` or ``y`` (per ``x_or_y``) as the kernels see them: (1, 1, L), (H, 1, W), (D, H, W)."""
+    size = tuple(g.x_size if x_or_y == "x" else g.y_size)
+    return _as3(size, 1)
+
+
+def _as3(values, fill):
+    values = tuple(int(v) for v in values)
+    if len(values) == 1:
+        return (fill, fill) + values
+    if len(values) == 2:
+        return (values[0], fill, values[1])
+    return values
+
+
+@dataclass(frozen=True)
+class Plan:
+    """One compiled configuration and its launch."""
+    consts: tuple        # (name, value) pairs: the module key and its #defines
+    grid: tuple
+    threads: int
+    parts: int = 1       # weight gradient: chunks per output channel
+
+
+def _itemsize(dtype_name):
+    return 8 if dtype_name == "float64" else 4
+
+
+def _vec(dtype_name, step):
+    widths = (2, 1) if dtype_name == "float64" else (4, 2, 1)
+    return next(v for v in widths if step % v == 0)
+
+
+def _layout(cig, k3, s3, d3, src3, dst3, tz, vx, vec):
+    """(IZ, PY, PXP, SEGS, WIN, WINV, SLAB) of a slab of ``tz`` output slices."""
+    kz, ky, kx = k3
+    sz, sy, sx = s3
+    dz, dy, dx = d3
+    _, yy, yx = dst3
+    segs = _ceil(yx, vx)
+    win = (vx - 1) * sx + (kx - 1) * dx + 1
+    winv = _ceil(win, vec) * vec
+    iz = (tz - 1) * sz + (kz - 1) * dz + 1
+    py = (yy - 1) * sy + (ky - 1) * dy + 1
+    pxp = (segs - 1) * vx * sx + winv
+    return iz, py, pxp, segs, win, winv, iz * py * pxp
+
+
+def _threads(items):
+    """Threads per block (a multiple of 32, 64-256) leaving the fewest idle slots."""
+    if items <= 64:
+        return 32 * max(1, _ceil(items, 32))
+    return min(range(64, 257, 32), key=lambda nt: (_ceil(items, nt) * nt, -nt))
+
+
+@functools.lru_cache(maxsize=4096)
+def plan(op, g, dtype_name):
+    """The launch of ``op`` on geometry ``g``, or None when the plane kernels cannot do it."""
+    if op not in OPS or g.nd not in (1, 2, 3) or dtype_name not in _FLOATS:
+        return None
+    if g.padding_mode != "zeros" or 0 in g.x_shape or 0 in g.y_shape or g.groups > MAX_GRID:
+        return None
+    groups, taps = g.groups, g.taps
+    cig, cog = g.x_channels // groups, g.y_channels // groups
+    k3, d3, l3 = _as3(g.kernel, 1), _as3(g.dilation, 1), _as3(g.pad_lo, 0)
+    s3 = _as3(g.stride, 1)
+    x3, y3 = view3(g, "x"), view3(g, "y")
+    flip = 0
+    if op == "backward_input":
+        if s3 != (1, 1, 1):
+            return None
+        # the forward code on gy: channels swap roles, padding becomes (K-1)*D - L
+        flip = 1
+        cig, cog = cog, cig
+        l3 = tuple((k - 1) * d - lo for k, d, lo in zip(k3, d3, l3))
+        x3, y3 = y3, x3
+    if taps > MAX_TAPS:
+        return None
+    wgrad = op == "backward_weight"
+    # weight gradient: a block sums for cib of the group's input channels (cib*KT
+    # accumulators per thread); the smallest count of blocks whose sums fit
+    cap = MAX_WGRAD_ACC if taps <= MAX_WGRAD_ACC else WGRAD_MAX_TAPS
+    cib = max((c for c in range(1, cig + 1) if cig % c == 0 and c * taps <= cap), default=0)
+    if wgrad and cib == 0:
+        return None
+    planes = cib if wgrad else cig
+    acc_bytes = _itemsize(dtype_name)
+    per_vx = []                  # the cheapest slab for each vx
+    for vx in ((2, 1) if dtype_name == "float64" else (4, 2, 1)):
+        if not wgrad and cog * vx > MAX_ACC:
+            continue
+        vec = _vec(dtype_name, vx * s3[2])
+        best = None
+        for tz in range(min(y3[0], 64), 0, -1):
+            iz, py, pxp, segs, win, winv, slab = _layout(cig, k3, s3, d3, x3, y3, tz, vx, vec)
+            items = tz * y3[1] * segs
+            nt = _threads(items)
+            red = (nt // 32) * cib * taps if wgrad else cig * cog * taps
+            if acc_bytes * (planes * slab + red) > SMEM_LIMIT:
+                continue
+            # input slices loaded per output slice (halo, the last slab's waste), idle
+            # output columns, idle thread slots
+            cost = (_ceil(y3[0], tz) * iz / y3[0]) * (segs * vx / y3[2]) * (_ceil(items, nt) * nt / items)
+            if best is None or cost < best[0] - 1e-9:
+                best = (cost, vx, vec, tz, nt, iz, py, pxp, segs, win, winv, slab)
+        if best is not None:
+            per_vx.append(best)
+    if not per_vx:
+        return None
+    # more outputs per thread reuse each shared-memory window and weight more often:
+    # the widest vx within 15% of the cheapest layout
+    cheapest = min(b[0] for b in per_vx)
+    best = next(b for b in per_vx if b[0] <= cheapest * 1.15)
+    _, vx, vec, tz, nt, iz, py, pxp, segs, win, winv, slab = best
+    slabs = _ceil(y3[0], tz)
+    consts = (("CIG", cig), ("COG", cog), ("KZ", k3[0]), ("KY", k3[1]), ("KX", k3[2]),
+              ("SZ", s3[0]), ("SY", s3[1]), ("SX", s3[2]), ("DZ", d3[0]), ("DY", d3[1]), ("DX", d3[2]),
+              ("XZ", x3[0]), ("XY", x3[1]), ("XX", x3[2]), ("YZ", y3[0]), ("YY", y3[1]), ("YX", y3[2]),
+              ("LZ", l3[0]), ("LY", l3[1]), ("LX", l3[2]), ("TZ", tz), ("VX", vx), ("VEC", vec),
+              ("NT", nt), ("FLIP", flip), ("USE_WIN", int(winv <= MAX_WINDOW)), ("WGRAD", int(wgrad)))
+    if not wgrad:
+        return Plan(consts, (slabs, groups, min(g.batch, MAX_GRID)), nt)
+    steps = g.batch * slabs
+    blocks = g.y_channels * (cig // cib)
+    parts = max(1, min(steps, _ceil(WGRAD_BLOCKS, blocks)))
+    chunk = _ceil(steps, parts)
+    parts = _ceil(steps, chunk)
+    consts += (("CHUNK", chunk), ("CIB", cib), ("ICBLK", cig // cib))
+    return Plan(consts, (min(blocks * parts, 1 << 20), 1, 1), nt, parts)
+
+
+class Plane(Algorithm):
+    """Grouped and depthwise convolutions from whole planes (or slabs) in shared memory."""
+
+    name = "plane"
+
+    def __init__(self):
+        self._modules = {}
+
+    def supports(self, op, g, dtype):
+        return g.groups > 1 and plan(op, g, np.dtype(dtype).name) is not None
+
+    def _function(self, dtype_name, p, name):
+        import cupy as cp
+        key = (cp.cuda.runtime.getDevice(), dtype_name, p.consts)
+        mod = self._modules.get(key)
+        if mod is None:
+            from .gpu_kernels import plane_source
+            mod = cp.RawModule(code=plane_source(dtype_name, dict(p.consts)))
+            if len(self._modules) > 512:
+                self._modules.clear()
+            self._modules[key] = mod
+        return mod.get_function(name)
+
+    def run(self, engine, op, a, b, g):
+        import cupy as cp
+        dtype_name = a.dtype.name
+        p = plan(op, g, dtype_name)
+        if p is None:          # supports() said yes for this call: cannot happen
+            raise ValueError(f"plane cannot run {op} for x {g.x_shape}, weight {g.w_shape}")
+        n = np.int64(g.batch)
+        cx, cy = np.int64(g.x_channels), np.int64(g.y_channels)
+        if op == "forward":
+            out = cp.empty(g.y_shape, dtype=a.dtype)
+            self._function(dtype_name, p, "plane_conv")(p.grid, (p.threads,), (a, b, out, cx, cy, n))
+            return out
+        if op == "backward_input":
+            out = cp.empty(g.x_shape, dtype=a.dtype)
+            self._function(dtype_name, p, "plane_conv")(p.grid, (p.threads,), (a, b, out, cy, cx, n))
+            return out
+        per_channel = g.w_shape[1] * g.taps
+        acc = np.float64 if dtype_name == "float64" else np.float32
+        partial = cp.empty(g.y_channels * p.parts * per_channel, dtype=acc)
+        engine._note(partial)
+        self._function(dtype_name, p, "plane_wgrad")(
+            p.grid, (p.threads,), (a, b, partial, cx, cy, n, np.int64(p.parts)))
+        out = cp.empty(g.w_shape, dtype=a.dtype)
+        total = g.y_channels * per_channel
+        blocks = max(1, min(_ceil(total, 256), 1 << 20))
+        self._function(dtype_name, p, "plane_wgrad_final")(
+            (blocks,), (256,), (partial, out, cy, np.int64(p.parts)))
+        return out
