@@ -233,9 +233,13 @@ def _memo_key(v):
     t = type(v)
     if t is int or t is str or v is None:
         return v
-    if t is tuple or t is list:
-        inner = tuple(_memo_key(e) for e in v)
-        return (_LIST,) + inner if t is list else inner
+    if t is tuple:
+        for e in v:
+            if type(e) is not int:
+                return tuple(_memo_key(e) for e in v)
+        return v                        # a shape: kept as it is (the common case)
+    if t is list:
+        return (_LIST,) + tuple(_memo_key(e) for e in v)
     raise TypeError("not memoizable")
 
 
@@ -251,7 +255,7 @@ def _memoized(parse):
 
     def parsed(*args, **kwargs):
         try:
-            key = (_memo_key(args), _memo_key(tuple(sorted(kwargs.items()))))
+            key = (_memo_key(args), _memo_key(tuple(sorted(kwargs.items())))) if kwargs else _memo_key(args)
         except TypeError:
             return parse(*args, **kwargs)
         out = memo.get(key)

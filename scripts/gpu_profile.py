@@ -49,6 +49,32 @@ def wall_ms(fn, repeat=20):
     return 1e3 * sorted(times)[len(times) // 2]
 
 
+def profile_case(name, dtype):
+    import cProfile
+    import pstats
+    case = bench.select_cases(bench.load_suite(bench.DEFAULT_SUITE)["gpu"], name)[0]
+    x, w, gy = bench.make_inputs(case, dtype)
+    fns = bench.ndconv_calls(case, *(cp.asarray(a) for a in (x, w, gy)))
+    ndconv.get_engine(cp.empty(0)).autotune = True
+    for bop, fn in fns.items():
+        fn()
+        cp.cuda.Device().synchronize()
+        host = []
+        for _ in range(50):
+            t0 = time.perf_counter()
+            fn()
+            host.append(time.perf_counter() - t0)
+            cp.cuda.Device().synchronize()
+        print(f"{name} {bop}: host time per call {1e6 * sorted(host)[25]:.1f} us", flush=True)
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(300):
+            fn()
+            cp.cuda.Device().synchronize()
+        prof.disable()
+        pstats.Stats(prof).sort_stats("tottime").print_stats(18)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--cases", default=None)
@@ -56,6 +82,9 @@ def main(argv=None):
     ap.add_argument("--json", default=None)
     ap.add_argument("--overhead", action="store_true",
                     help="also print a cProfile of 2000 tiny ndconv calls (where the Python time goes)")
+    ap.add_argument("--overhead-case", default=None,
+                    help="also print a cProfile of 300 calls of each op of this suite case, and the "
+                         "host time of one call (launch to return, no synchronisation)")
     args = ap.parse_args(argv)
     torch.backends.cudnn.benchmark = True
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -82,6 +111,8 @@ def main(argv=None):
         cp.cuda.Device().synchronize()
         prof.disable()
         pstats.Stats(prof).sort_stats("tottime").print_stats(30)
+    if args.overhead_case:
+        profile_case(args.overhead_case, dtype)
     for case in cases:
         g = case.geometry()
         arrays = {"x": cp.random.standard_normal(g.x_shape, dtype=np.float32).astype(dtype),

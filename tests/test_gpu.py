@@ -558,16 +558,18 @@ def test_depthwise_tiled_supports_is_precise():
 
 def test_heuristic_and_forcing(gpu):
     dw = geometry((2, 4, 8, 8), (8, 1, 3, 3), padding=1, groups=4)
-    dense = geometry((2, 4, 8, 8), (8, 2, 3, 3), padding=1, groups=2)
+    dense = geometry((2, 4, 8, 8), (8, 4, 3, 3), padding=1)
+    grouped = geometry((2, 8, 8, 8), (8, 4, 3, 3), padding=1, groups=2)
     eng = GPUEngine()
     first = "cudnn" if cudnn.available() else None
     for op in OPS:
-        assert eng.choose(op, dw, np.float32).name == "depthwise_tiled"      # preferred untuned
+        assert eng.choose(op, dw, np.float32).name == "plane"      # preferred untuned
+        assert eng.choose(op, grouped, np.float32).name == "plane"
         assert eng.choose(op, dense, np.float32).name == (first or "im2col_gemm")
     with eng.force("forward", "im2col_gemm"):
         assert eng.choose("forward", dw, np.float32).name == "im2col_gemm"
-        assert eng.choose("backward_input", dw, np.float32).name == "depthwise_tiled"
-    assert eng.choose("forward", dw, np.float32).name == "depthwise_tiled"
+        assert eng.choose("backward_input", dw, np.float32).name == "plane"
+    assert eng.choose("forward", dw, np.float32).name == "plane"
     with eng.force(None, "depthwise_direct"):
         with pytest.raises(ValueError, match="does not support"):
             eng.choose("forward", dense, np.float32)
@@ -583,7 +585,7 @@ def test_heuristic_and_forcing(gpu):
     x = cp.asarray(np.random.default_rng(0).standard_normal(dw.x_shape).astype(np.float32))
     w = cp.asarray(np.random.default_rng(1).standard_normal(dw.w_shape).astype(np.float32))
     F.conv2d(x, w, padding=1, groups=4)
-    assert gpu.last_algorithm["forward"] == "depthwise_tiled"
+    assert gpu.last_algorithm["forward"] == "plane"
     with gpu.force(None, "im2col_gemm"):
         F.conv2d(x, w, padding=1, groups=4)
     assert gpu.last_algorithm["forward"] == "im2col_gemm"

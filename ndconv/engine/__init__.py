@@ -11,10 +11,15 @@ are new arrays of that dtype (float16 accumulates in float32).
 import numpy as np
 
 _engines = {}
+_cupy_types = {}     # type -> whether it is CuPy's (asked on every call)
 
 
 def _is_cupy(a):
-    return type(a).__module__.split(".")[0] == "cupy"
+    t = type(a)
+    found = _cupy_types.get(t)
+    if found is None:
+        found = _cupy_types[t] = t.__module__.split(".")[0] == "cupy"
+    return found
 
 
 def array_module(a):
@@ -26,20 +31,26 @@ def array_module(a):
 
 def get_engine(*arrays):
     """The engine for these arrays: NumPy -> CPU, CuPy -> GPU; mixing them is an error."""
-    present = [a for a in arrays if a is not None]
-    kinds = {("cupy" if _is_cupy(a) else "numpy") for a in present}
-    if len(kinds) > 1:
-        names = ", ".join(f"{type(a).__module__}.{type(a).__name__}" for a in present)
-        raise TypeError(f"all arrays must live on one device (all NumPy or all CuPy), got {names}")
-    kind = kinds.pop() if kinds else "numpy"
-    if kind not in _engines:
+    kind = None
+    for a in arrays:
+        if a is None:
+            continue
+        k = "cupy" if _is_cupy(a) else "numpy"
+        if kind is None:
+            kind = k
+        elif k != kind:
+            names = ", ".join(f"{type(a).__module__}.{type(a).__name__}" for a in arrays if a is not None)
+            raise TypeError(f"all arrays must live on one device (all NumPy or all CuPy), got {names}")
+    kind = kind or "numpy"
+    engine = _engines.get(kind)
+    if engine is None:
         if kind == "cupy":
             from .gpu import GPUEngine
-            _engines[kind] = GPUEngine()
+            engine = _engines[kind] = GPUEngine()
         else:
             from .cpu import CPUEngine
-            _engines[kind] = CPUEngine()
-    return _engines[kind]
+            engine = _engines[kind] = CPUEngine()
+    return engine
 
 
 def cpu_engine():

@@ -296,17 +296,17 @@ def pointwise(g):
 
 # The heuristic for calls nobody tuned: the first algorithm (in this order) whose
 # ``preferred`` says yes for the call -- each states the measurement behind it: the
-# tiled depthwise kernels, phases for strided transposed calls without wasted taps,
-# space_to_batch for dilated dense calls, flat_gemm for dense weight gradients outside
-# 2-D, the plain GEMMs for 1x1 -- else the first that supports it: cuDNN where it is
+# whole-plane kernels for depthwise and small groups, phases for strided transposed
+# calls without wasted taps, space_to_batch for dilated dense calls, flat_gemm for
+# dense weight gradients outside 2-D, the plain GEMMs for 1x1 -- else the first that supports it: cuDNN where it is
 # installed, then the generic paths.
 ALGORITHMS = Registry()
 ALGORITHMS.register(Cudnn())
 ALGORITHMS.register(phases.Phases())
 ALGORITHMS.register(phases.SpaceToBatch())
 ALGORITHMS.register(FlatGemm())
-ALGORITHMS.register(DepthwiseTiled())
 ALGORITHMS.register(Plane())
+ALGORITHMS.register(DepthwiseTiled())
 ALGORITHMS.register(DepthwiseDirect())
 ALGORITHMS.register(Im2colGemm())
 

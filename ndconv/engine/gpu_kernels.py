@@ -739,11 +739,11 @@ def tiled_source(dtype_name, kernel, stride, dilation, bx, by, vx, vec, use_wind
 # source and destination sizes, L* low padding, TZ output slices per block, VX outputs
 # per thread along X, VEC values per shared-memory load, NT threads, FLIP (input
 # gradient: gy in, kernel flipped, group block transposed), USE_WIN, VST (vector
-# stores), WGRAD (which kernels the module holds), CHUNK (weight gradient: steps per part).
+# stores), FILL_VEC (16-byte loads of the input possible), WGRAD (which kernels the module holds), CHUNK (weight gradient: steps per part).
 #
 #   plane_conv          dst[n, grp*COG+o] = sum_{ic, k} w * src[n, grp*CIG+ic]
-#   plane_wgrad         partial[co, icb, part, ic, tap] = sum over the part's (n, slab)
-#                       steps, for the CIB input channels of block icb
+#   plane_wgrad         partial[(cob, icb, part), o, ic, tap] = sum over the part's
+#                       (n, slab) steps, for OCB output and CIB input channels
 #   plane_wgrad_final   gw[co, ic, tap] = sum over parts, in order
 _PLANE_TEMPLATE = r"""
 #define IS_HALF __IS_HALF__
@@ -769,6 +769,7 @@ __DEFINES__
 #define XS ((i64)XZ * XY * XX)
 #define YPLANE ((i64)YY * YX)
 #define LOAD_BATCH 8
+#define VEC_BATCH 4
 
 __LOAD_WIN__
 
@@ -802,6 +803,63 @@ __device__ __forceinline__ void fill(ACC* s, const T* __restrict__ src, int z0) 
     }
 }
 
+#if FILL_VEC
+// The same copy when the whole input plane sits inside the shared window (FILL_VEC:
+// XX % 4 == 0, padding >= 0 on the low sides, nothing cut off on the high ones) and
+// src is 16-byte aligned: 16-byte loads, one per 4 inputs.  The padding cells are
+// never written by it: zero_halo clears them once per block.
+template <int C>
+__device__ __forceinline__ void zero_halo(ACC* s) {
+    for (int i = threadIdx.x; i < C * SLAB; i += NT) {
+        const int r = i % SLAB, row = r / PXP, col = r - row * PXP, yy = row % PY;
+        if (yy < LY || yy >= LY + XY || col < LX || col >= LX + XX) s[i] = 0;
+    }
+}
+
+template <int C>
+__device__ __forceinline__ void fill_vec(ACC* s, const T* __restrict__ src, int z0) {
+    constexpr int Q = XX / 4, TOTAL = C * IZ * XY * Q;
+    const int tid = threadIdx.x;
+#pragma unroll 1
+    for (int i0 = 0; i0 < TOTAL; i0 += VEC_BATCH * NT) {
+        float4 v[VEC_BATCH];
+        int at[VEC_BATCH];
+#pragma unroll
+        for (int b = 0; b < VEC_BATCH; ++b) {
+            const int i = i0 + b * NT + tid;
+            v[b].x = v[b].y = v[b].z = v[b].w = 0;
+            at[b] = -1;
+            if (i < TOTAL) {
+                const int q = i % Q, row = i / Q;
+                const int iy = row % XY, r2 = row / XY;
+                const int zz = r2 % IZ, ic = r2 / IZ;
+                const int iz = z0 + zz;
+                at[b] = ic * SLAB + (zz * PY + iy + LY) * PXP + LX + 4 * q;
+                if (iz >= 0 && iz < XZ)
+                    v[b] = *reinterpret_cast<const float4*>(src + ic * XS + ((i64)iz * XY + iy) * XX + 4 * q);
+            }
+        }
+#pragma unroll
+        for (int b = 0; b < VEC_BATCH; ++b) {
+            if (at[b] >= 0) {
+                ACC* d = s + at[b];
+                d[0] = v[b].x; d[1] = v[b].y; d[2] = v[b].z; d[3] = v[b].w;
+            }
+        }
+    }
+}
+#endif
+
+// fill, through fill_vec when it applies (aligned: src is 16-byte aligned; the
+// caller ran zero_halo once when it did).
+template <int C>
+__device__ __forceinline__ void fill_any(ACC* s, const T* __restrict__ src, int z0, int aligned) {
+#if FILL_VEC
+    if (aligned) { fill_vec<C>(s, src, z0); return; }
+#endif
+    fill<C>(s, src, z0);
+}
+
 // VX outputs at p (p is VX-aligned when VST says so).
 __device__ __forceinline__ void store_outputs(T* p, int ox0, const ACC* a) {
 #if VST && VX == 4
@@ -822,7 +880,7 @@ __device__ __forceinline__ void store_outputs(T* p, int ox0, const ACC* a) {
 #if !WGRAD
 extern "C" __global__ void __launch_bounds__(NT)
 plane_conv(const T* __restrict__ x, const T* __restrict__ w, T* __restrict__ y,
-           i64 Csrc, i64 Cdst, i64 N) {
+           i64 Csrc, i64 Cdst, i64 N, int aligned) {
     __shared__ __align__(16) ACC sx[CIG * SLAB];
     __shared__ ACC sw[CIG * COG * KT];
     const int tid = threadIdx.x;
@@ -838,9 +896,12 @@ plane_conv(const T* __restrict__ x, const T* __restrict__ w, T* __restrict__ y,
         sw[i] = ld(w, ((grp * COG + o) * CIG + ic) * KT + k);
 #endif
     }
+#if FILL_VEC
+    if (aligned) zero_halo<CIG>(sx);
+#endif
     for (i64 n = blockIdx.z; n < N; n += gridDim.z) {
         __syncthreads();                           // sw is written; sx is free
-        fill<CIG>(sx, x + (n * Csrc + grp * CIG) * XS, oz0 * SZ - LZ);
+        fill_any<CIG>(sx, x + (n * Csrc + grp * CIG) * XS, oz0 * SZ - LZ, aligned);
         __syncthreads();
         for (int item = tid; item < ITEMS; item += NT) {
             const int ozl = item / (YY * SEGS), r = item - ozl * (YY * SEGS);
@@ -895,30 +956,36 @@ plane_conv(const T* __restrict__ x, const T* __restrict__ w, T* __restrict__ y,
 }
 
 #else
-// Block b = (co, icb, part): sums gy[co] * x[input channels icb*CIB .. of the group]
-// for those CIB*KT weights of output channel co over steps part*CHUNK .. (a step =
-// one (n, slab)); each thread keeps CIB*KT sums, then a fixed-order reduction (warp
-// shuffles, then the warps in order) writes partial[b, ic, tap].
+// Block b = (cob, icb, part): sums gy * x for the weights joining output channels
+// cob*OCB .. +OCB and input channels icb*CIB .. +CIB of their group, over steps
+// part*CHUNK .. (a step = one (n, slab)).  Each shared-memory window serves OCB
+// output channels and each gy value CIB input channels.  Every thread keeps
+// OCB*CIB*KT sums, then a fixed-order reduction (warp shuffles, then the warps in
+// order) writes partial[b, o, ic, tap].
+#define WACC (OCB * CIB * KT)
 extern "C" __global__ void __launch_bounds__(NT)
 plane_wgrad(const T* __restrict__ x, const T* __restrict__ gy, ACC* __restrict__ partial,
-            i64 Cx, i64 Cy, i64 N, i64 P) {
+            i64 Cx, i64 Cy, i64 N, i64 P, int aligned) {
     __shared__ __align__(16) ACC sx[CIB * SLAB];
-    __shared__ ACC red[NWARPS * CIB * KT];
+    __shared__ ACC red[NWARPS * WACC];
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const i64 slabs = (YZ + TZ - 1) / TZ, steps = N * slabs;
-    for (i64 b = blockIdx.x; b < Cy * ICBLK * P; b += gridDim.x) {
-        const i64 co = b / (ICBLK * P), r0 = b - co * (ICBLK * P);
+#if FILL_VEC
+    if (aligned) zero_halo<CIB>(sx);
+#endif
+    for (i64 b = blockIdx.x; b < Cy / OCB * ICBLK * P; b += gridDim.x) {
+        const i64 cob = b / (ICBLK * P), r0 = b - cob * (ICBLK * P);
         const i64 icb = r0 / P, part = r0 - icb * P;
-        const i64 c0 = co / COG * CIG + icb * CIB;
-        ACC acc[CIB * KT];
+        const i64 co0 = cob * OCB, c0 = co0 / COG * CIG + icb * CIB;
+        ACC acc[WACC];
 #pragma unroll
-        for (int j = 0; j < CIB * KT; ++j) acc[j] = 0;
+        for (int j = 0; j < WACC; ++j) acc[j] = 0;
         const i64 t0 = part * CHUNK, t1 = steps < t0 + CHUNK ? steps : t0 + CHUNK;
         for (i64 t = t0; t < t1; ++t) {
             const i64 n = t / slabs;
             const int oz0 = (int)(t - n * slabs) * TZ;
             __syncthreads();                       // the previous step is done with sx
-            fill<CIB>(sx, x + (n * Cx + c0) * XS, oz0 * SZ - LZ);
+            fill_any<CIB>(sx, x + (n * Cx + c0) * XS, oz0 * SZ - LZ, aligned);
             __syncthreads();
             for (int item = tid; item < ITEMS; item += NT) {
                 const int ozl = item / (YY * SEGS), r = item - ozl * (YY * SEGS);
@@ -926,10 +993,13 @@ plane_wgrad(const T* __restrict__ x, const T* __restrict__ gy, ACC* __restrict__
                 const int oz = oz0 + ozl;
                 if (oz >= YZ) break;
                 const int ox0 = seg * VX;
-                const T* gyr = gy + ((n * Cy + co) * YZ + oz) * YPLANE + oy * YX + ox0;
-                ACC gv[VX];
+                ACC gv[OCB][VX];
 #pragma unroll
-                for (int v = 0; v < VX; ++v) gv[v] = ox0 + v < YX ? ld(gyr, v) : (ACC)0;
+                for (int o = 0; o < OCB; ++o) {
+                    const T* gyr = gy + ((n * Cy + co0 + o) * YZ + oz) * YPLANE + oy * YX + ox0;
+#pragma unroll
+                    for (int v = 0; v < VX; ++v) gv[o][v] = ox0 + v < YX ? ld(gyr, v) : (ACC)0;
+                }
 #pragma unroll
                 for (int ic = 0; ic < CIB; ++ic) {
                     const ACC* base = sx + ic * SLAB + (ozl * SZ * PY + oy * SY) * PXP + seg * VX * SX;
@@ -938,60 +1008,58 @@ plane_wgrad(const T* __restrict__ x, const T* __restrict__ gy, ACC* __restrict__
 #pragma unroll
                         for (int ky = 0; ky < KY; ++ky) {
                             const ACC* row = base + (kz * DZ * PY + ky * DY) * PXP;
-                            ACC* ak = acc + ic * KT + (kz * KY + ky) * KX;
 #if USE_WIN
                             ACC win[WINV];
                             load_win(row, win);
-#pragma unroll
-                            for (int kx = 0; kx < KX; ++kx) {
-                                ACC s = 0;
-#pragma unroll
-                                for (int v = 0; v < VX; ++v) s += gv[v] * win[v * SX + kx * DX];
-                                ak[kx] += s;
-                            }
 #else
-#pragma unroll
-                            for (int kx = 0; kx < KX; ++kx) {
-                                ACC s = 0;
-#pragma unroll
-                                for (int v = 0; v < VX; ++v) s += gv[v] * row[v * SX + kx * DX];
-                                ak[kx] += s;
-                            }
+                            const ACC* win = row;
 #endif
+#pragma unroll
+                            for (int o = 0; o < OCB; ++o) {
+                                ACC* ak = acc + (o * CIB + ic) * KT + (kz * KY + ky) * KX;
+#pragma unroll
+                                for (int kx = 0; kx < KX; ++kx) {
+                                    ACC s = 0;
+#pragma unroll
+                                    for (int v = 0; v < VX; ++v) s += gv[o][v] * win[v * SX + kx * DX];
+                                    ak[kx] += s;
+                                }
+                            }
                         }
                     }
                 }
             }
         }
 #pragma unroll
-        for (int j = 0; j < CIB * KT; ++j) {
+        for (int j = 0; j < WACC; ++j) {
             ACC v = acc[j];
 #pragma unroll
             for (int off = 16; off > 0; off >>= 1) v += __shfl_down_sync(0xffffffffu, v, off);
-            if (lane == 0) red[warp * CIB * KT + j] = v;
+            if (lane == 0) red[warp * WACC + j] = v;
         }
         __syncthreads();
-        for (int j = tid; j < CIB * KT; j += NT) {
+        for (int j = tid; j < WACC; j += NT) {
             ACC s = 0;
 #pragma unroll
-            for (int wi = 0; wi < NWARPS; ++wi) s += red[wi * CIB * KT + j];
-            partial[b * CIB * KT + j] = s;
+            for (int wi = 0; wi < NWARPS; ++wi) s += red[wi * WACC + j];
+            partial[b * WACC + j] = s;
         }
         __syncthreads();                           // red is read before the next b reuses it
     }
 }
 
-// gw[co, ic, tap] = sum over parts p < P of partial[co, ic / CIB, p, ic % CIB, tap], in order.
+// gw[co, ic, tap] = sum over parts p < P of partial[(co/OCB, ic/CIB, p), co%OCB, ic%CIB, tap], in order.
 extern "C" __global__ void plane_wgrad_final(const ACC* __restrict__ partial, T* __restrict__ gw,
                                              i64 Cy, i64 P) {
-    const i64 per = CIG * KT, total = Cy * per;
+    const i64 total = Cy * CIG * KT;
     for (i64 idx = (i64)blockIdx.x * blockDim.x + threadIdx.x; idx < total;
          idx += (i64)blockDim.x * gridDim.x) {
-        const i64 co = idx / per, j = idx - co * per;
-        const i64 icb = j / (CIB * KT), jj = j - icb * (CIB * KT);
-        const ACC* src = partial + (co * ICBLK + icb) * P * (CIB * KT) + jj;
+        const i64 co = idx / (CIG * KT), j = idx - co * (CIG * KT);
+        const i64 ic = j / KT, tap = j - ic * KT;
+        const i64 b0 = ((co / OCB) * ICBLK + ic / CIB) * P;
+        const ACC* src = partial + b0 * WACC + ((co % OCB) * CIB + ic % CIB) * KT + tap;
         ACC s = 0;
-        for (i64 p = 0; p < P; ++p) s += src[p * (CIB * KT)];
+        for (i64 p = 0; p < P; ++p) s += src[p * WACC];
         st(gw, idx, s);
     }
 }
@@ -1009,7 +1077,7 @@ def plane_source(dtype_name, consts):
     consts = dict(consts)
     vx, yx = consts["VX"], consts["YX"]
     vst = int((storage == "float" and vx == 4 or storage == "double" and vx == 2) and yx % vx == 0)
-    for name, value in (("CHUNK", 1), ("CIB", consts["CIG"]), ("ICBLK", 1)):
+    for name, value in (("CHUNK", 1), ("CIB", consts["CIG"]), ("ICBLK", 1), ("OCB", 1), ("FILL_VEC", 0)):
         consts.setdefault(name, value)
     defines = "\n".join(f"#define {k} {int(v)}" for k, v in sorted(consts.items())) + f"\n#define VST {vst}"
     return (_PLANE_TEMPLATE.replace("__HALF_IO__", _HALF_IO).replace("__LOAD_WIN__", _LOAD_WIN)
