@@ -28,7 +28,13 @@ def main(argv=None):
     ap.add_argument("--cases", default="c2d_depthwise,c3d_depthwise,c1d_depthwise31,c2d_grouped32")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--limits", default="12288,16384,24576,32768,49152")
+    ap.add_argument("--vec-ab", action="store_true",
+                    help="instead: each op with 16-byte input loads on and off")
+    ap.add_argument("--wgrad-acc", default=None,
+                    help="instead: the weight gradient with these MAX_WGRAD_ACC values, e.g. 36,72")
     args = ap.parse_args(argv)
+    if args.vec_ab or args.wgrad_acc:
+        return compare(args)
     limits = [int(v) for v in args.limits.split(",")]
     engine = GPUEngine(autotune=False)
     plane = engine.algorithms.get("plane")
@@ -51,6 +57,36 @@ def main(argv=None):
                 cells.append(f"{limit // 1024}K: {ms:.3f} (TZ {c['TZ']}, NT {c['NT']}, VX {c['VX']})")
             print(f"{case.name:16s} {op:16s} " + "  ".join(cells), flush=True)
     gpu_plane.SMEM_LIMIT = saved
+    gpu_plane.plan.cache_clear()
+
+
+def compare(args):
+    engine = GPUEngine(autotune=False)
+    plane = engine.algorithms.get("plane")
+    aligned, acc = gpu_plane._ALIGNED, gpu_plane.MAX_WGRAD_ACC
+    for case in bench.select_cases(bench.load_suite(bench.DEFAULT_SUITE)["gpu"], args.cases):
+        g = case.geometry()
+        arrays = {name: cp.random.standard_normal(shape, dtype=np.float32).astype(args.dtype)
+                  for name, shape in (("x", g.x_shape), ("w", g.w_shape), ("y", g.y_shape))}
+        for op, (a, b) in OPERANDS.items():
+            if args.vec_ab:
+                variants = {"vec": aligned, "scalar": (aligned[0], aligned[0])}
+                knob = "_ALIGNED"
+            elif op == "backward_weight":
+                variants = {f"acc{v}": int(v) for v in args.wgrad_acc.split(",")}
+                knob = "MAX_WGRAD_ACC"
+            else:
+                continue
+            cells = []
+            for label, value in variants.items():
+                setattr(gpu_plane, knob, value)
+                gpu_plane.plan.cache_clear()
+                plane._calls.clear()
+                c = dict(gpu_plane.plan(op, g, args.dtype).consts)
+                ms = [cuda_timer(lambda: plane.run(engine, op, arrays[a], arrays[b], g), 10) for _ in range(3)]
+                cells.append(f"{label}: {sorted(ms)[1]:.3f} (OCB {c.get('OCB', '-')}, CIB {c.get('CIB', '-')})")
+            print(f"{case.name:16s} {op:16s} " + "  ".join(cells), flush=True)
+    gpu_plane._ALIGNED, gpu_plane.MAX_WGRAD_ACC = aligned, acc
     gpu_plane.plan.cache_clear()
 
 

@@ -810,9 +810,17 @@ __device__ __forceinline__ void fill(ACC* s, const T* __restrict__ src, int z0) 
 // never written by it: zero_halo clears them once per block.
 template <int C>
 __device__ __forceinline__ void zero_halo(ACC* s) {
-    for (int i = threadIdx.x; i < C * SLAB; i += NT) {
-        const int r = i % SLAB, row = r / PXP, col = r - row * PXP, yy = row % PY;
-        if (yy < LY || yy >= LY + XY || col < LX || col >= LX + XX) s[i] = 0;
+    // one thread per shared row (C*IZ*PY rows of PXP): its padding columns, or all of
+    // it when the row lies in the Y padding (depth padding: fill_vec loads zeros)
+    for (int r = threadIdx.x; r < C * IZ * PY; r += NT) {
+        const int yy = r % PY;
+        ACC* row = s + r * PXP;
+        if (yy < LY || yy >= LY + XY) {
+            for (int c = 0; c < PXP; ++c) row[c] = 0;
+        } else {
+            for (int c = 0; c < LX; ++c) row[c] = 0;
+            for (int c = LX + XX; c < PXP; ++c) row[c] = 0;
+        }
     }
 }
 
