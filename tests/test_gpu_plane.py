@@ -182,7 +182,7 @@ def test_plane_input_not_16_byte_aligned():
     import cupy as cp
     from ndconv.engine.cpu import CPUEngine
     from ndconv.engine.gpu import GPUEngine
-    g = geometry((2, 4, 12, 16), (4, 2, 3, 3), padding=1, groups=2)
+    g = geometry((2, 4, 12, 16), (8, 2, 3, 3), padding=1, groups=2)
     assert dict(gpu_plane.plan("forward", g, "float32").consts)["FILL_VEC"] == 1
     rng = np.random.default_rng(5)
     x, w, y = (rng.standard_normal(s).astype(np.float32) for s in (g.x_shape, g.w_shape, g.y_shape))
