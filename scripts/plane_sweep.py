@@ -32,8 +32,10 @@ def main(argv=None):
                     help="instead: each op with 16-byte input loads on and off")
     ap.add_argument("--wgrad-acc", default=None,
                     help="instead: the weight gradient with these MAX_WGRAD_ACC values, e.g. 36,72")
+    ap.add_argument("--wgrad-minb", default=None,
+                    help="instead: the weight gradient with these WGRAD_MIN_BLOCKS values, e.g. 1,2,3")
     args = ap.parse_args(argv)
-    if args.vec_ab or args.wgrad_acc:
+    if args.vec_ab or args.wgrad_acc or args.wgrad_minb:
         return compare(args)
     limits = [int(v) for v in args.limits.split(",")]
     engine = GPUEngine(autotune=False)
@@ -63,7 +65,7 @@ def main(argv=None):
 def compare(args):
     engine = GPUEngine(autotune=False)
     plane = engine.algorithms.get("plane")
-    aligned, acc = gpu_plane._ALIGNED, gpu_plane.MAX_WGRAD_ACC
+    aligned, acc, minb = gpu_plane._ALIGNED, gpu_plane.MAX_WGRAD_ACC, gpu_plane.WGRAD_MIN_BLOCKS
     for case in bench.select_cases(bench.load_suite(bench.DEFAULT_SUITE)["gpu"], args.cases):
         g = case.geometry()
         arrays = {name: cp.random.standard_normal(shape, dtype=np.float32).astype(args.dtype)
@@ -72,9 +74,12 @@ def compare(args):
             if args.vec_ab:
                 variants = {"vec": aligned, "scalar": (aligned[0], aligned[0])}
                 knob = "_ALIGNED"
-            elif op == "backward_weight":
+            elif op == "backward_weight" and args.wgrad_acc:
                 variants = {f"acc{v}": int(v) for v in args.wgrad_acc.split(",")}
                 knob = "MAX_WGRAD_ACC"
+            elif op == "backward_weight":
+                variants = {f"minb{v}": int(v) for v in args.wgrad_minb.split(",")}
+                knob = "WGRAD_MIN_BLOCKS"
             else:
                 continue
             cells = []
@@ -86,7 +91,7 @@ def compare(args):
                 ms = [cuda_timer(lambda: plane.run(engine, op, arrays[a], arrays[b], g), 10) for _ in range(3)]
                 cells.append(f"{label}: {sorted(ms)[1]:.3f} (OCB {c.get('OCB', '-')}, CIB {c.get('CIB', '-')})")
             print(f"{case.name:16s} {op:16s} " + "  ".join(cells), flush=True)
-    gpu_plane._ALIGNED, gpu_plane.MAX_WGRAD_ACC = aligned, acc
+    gpu_plane._ALIGNED, gpu_plane.MAX_WGRAD_ACC, gpu_plane.WGRAD_MIN_BLOCKS = aligned, acc, minb
     gpu_plane.plan.cache_clear()
 
 

@@ -739,7 +739,8 @@ def tiled_source(dtype_name, kernel, stride, dilation, bx, by, vx, vec, use_wind
 # source and destination sizes, L* low padding, TZ output slices per block, VX outputs
 # per thread along X, VEC values per shared-memory load, NT threads, FLIP (input
 # gradient: gy in, kernel flipped, group block transposed), USE_WIN, VST (vector
-# stores), FILL_VEC (16-byte loads of the input possible), WGRAD (which kernels the module holds), CHUNK (weight gradient: steps per part).
+# stores), FILL_VEC (16-byte loads of the input possible), MINB (weight gradient: blocks
+# per SM the registers must leave room for), WGRAD (which kernels the module holds), CHUNK (weight gradient: steps per part).
 #
 #   plane_conv          dst[n, grp*COG+o] = sum_{ic, k} w * src[n, grp*CIG+ic]
 #   plane_wgrad         partial[(cob, icb, part), o, ic, tap] = sum over the part's
@@ -971,7 +972,7 @@ plane_conv(const T* __restrict__ x, const T* __restrict__ w, T* __restrict__ y,
 // OCB*CIB*KT sums, then a fixed-order reduction (warp shuffles, then the warps in
 // order) writes partial[b, o, ic, tap].
 #define WACC (OCB * CIB * KT)
-extern "C" __global__ void __launch_bounds__(NT)
+extern "C" __global__ void __launch_bounds__(NT, MINB)
 plane_wgrad(const T* __restrict__ x, const T* __restrict__ gy, ACC* __restrict__ partial,
             i64 Cx, i64 Cy, i64 N, i64 P, int aligned) {
     __shared__ __align__(16) ACC sx[CIB * SLAB];
@@ -1085,7 +1086,7 @@ def plane_source(dtype_name, consts):
     consts = dict(consts)
     vx, yx = consts["VX"], consts["YX"]
     vst = int((storage == "float" and vx == 4 or storage == "double" and vx == 2) and yx % vx == 0)
-    for name, value in (("CHUNK", 1), ("CIB", consts["CIG"]), ("ICBLK", 1), ("OCB", 1), ("FILL_VEC", 0)):
+    for name, value in (("CHUNK", 1), ("CIB", consts["CIG"]), ("ICBLK", 1), ("OCB", 1), ("FILL_VEC", 0), ("MINB", 1)):
         consts.setdefault(name, value)
     defines = "\n".join(f"#define {k} {int(v)}" for k, v in sorted(consts.items())) + f"\n#define VST {vst}"
     return (_PLANE_TEMPLATE.replace("__HALF_IO__", _HALF_IO).replace("__LOAD_WIN__", _LOAD_WIN)
