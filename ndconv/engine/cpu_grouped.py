@@ -37,6 +37,8 @@ except ImportError:  # the engine falls back to its BLAS paths
     numba = None
 
 AVAILABLE = numba is not None
+if AVAILABLE:
+    from .cpu_depthwise import _scatter_plane, _store_plane
 
 CHUNK = 512     # outputs per pass at most: 8 accumulator rows (16 KiB in float32) stay in L1
 
@@ -211,30 +213,6 @@ if AVAILABLE:
                 part[bb, j] = s00
 
     @njit(fastmath=True, cache=True)
-    def _store(acc, out, m1_, m2_):
-        # out (B, O0, O1, O2) <- acc (B, L) at the grid pitch
-        for b in range(out.shape[0]):
-            for o0 in range(out.shape[1]):
-                for o1 in range(out.shape[2]):
-                    at = (o0 * m1_ + o1) * m2_
-                    seg = acc[b, at:at + out.shape[3]]
-                    row = out[b, o0, o1]
-                    for o2 in range(out.shape[3]):
-                        row[o2] = seg[o2]
-
-    @njit(fastmath=True, cache=True)
-    def _place(src, flat, m1_, m2_):
-        # flat (B, L) at the grid pitch <- src (B, O0, O1, O2); other positions untouched
-        for b in range(src.shape[0]):
-            for o0 in range(src.shape[1]):
-                for o1 in range(src.shape[2]):
-                    at = (o0 * m1_ + o1) * m2_
-                    seg = flat[b, at:at + src.shape[3]]
-                    row = src[b, o0, o1]
-                    for o2 in range(src.shape[3]):
-                        seg[o2] = row[o2]
-
-    @njit(fastmath=True, cache=True)
     def _store_phase(acc, gx, r0, r1, r2, s, lo, mlo, ngrid, pgrid):
         # gx[b, i] <- acc[b, m - mlo at the pgrid pitch] for every i = m*s + r - lo inside
         # gx (B, X0, X1, X2); the grid covers all of gx's positions of phase r
@@ -271,7 +249,8 @@ if AVAILABLE:
         step = _chunk(length)
         for c0 in range(0, length, step):
             _accumulate(acc, flat, w, wrow, off, 0, off.shape[0], c0, min(step, length - c0))
-        _store(acc, y, grid[1], grid[2])
+        for b in range(y.shape[0]):      # y (B, O0, O1, O2) <- acc (B, L) at the grid pitch
+            _store_plane(acc[b], y[b], grid[1] * grid[2], grid[2])
 
     @njit(parallel=True, fastmath=True, cache=True)
     def forward(x, w, off, y, groups, lo, s, grid):
@@ -325,7 +304,8 @@ if AVAILABLE:
         gflat[:] = 0     # positions between rows stay zero
         for n in range(x.shape[0]):
             _load(x[n], flat, lo[0], lo[1], lo[2], s[0], s[1], s[2], grid[0], grid[1], grid[2])
-            _place(gy[n], gflat, grid[1], grid[2])
+            for b in range(gflat.shape[0]):     # gflat (B, L) at the grid pitch <- gy[n]
+                _scatter_plane(gy[n, b], gflat[b], grid[1] * grid[2], grid[2])
             _dots(part, gflat, flat, off, length)
             for b in range(gw.shape[0]):
                 for j in range(gw.shape[1]):
