@@ -774,6 +774,20 @@ __DEFINES__
 
 __LOAD_WIN__
 
+#if IS_HALF
+__device__ __forceinline__ float half_bits_to_float(unsigned h) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"((unsigned short)h));
+    return f;
+}
+
+__device__ __forceinline__ unsigned float_to_half_bits(float v) {
+    unsigned short h;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(v));
+    return h;
+}
+#endif
+
 // s = the C planes of src (channel stride XS) over input depths z0 .. z0+IZ-1, all
 // rows and columns with the padding, zero outside the input.  Loads are issued in
 // batches before their shared-memory stores, so that many are in flight.
@@ -807,7 +821,7 @@ __device__ __forceinline__ void fill(ACC* s, const T* __restrict__ src, int z0) 
 #if FILL_VEC
 // The same copy when the whole input plane sits inside the shared window (FILL_VEC:
 // XX % 4 == 0, padding >= 0 on the low sides, nothing cut off on the high ones) and
-// src is 16-byte aligned: 16-byte loads, one per 4 inputs.  The padding cells are
+// src is 16-byte aligned: one load per 4 inputs (16 bytes, 8 in float16).  The padding cells are
 // never written by it: zero_halo clears them once per block.
 template <int C>
 __device__ __forceinline__ void zero_halo(ACC* s) {
@@ -825,18 +839,30 @@ __device__ __forceinline__ void zero_halo(ACC* s) {
     }
 }
 
+// v[0..3] = p[0..3], one 16-byte (float) or 8-byte (float16) load.
+__device__ __forceinline__ void load4(const T* __restrict__ p, ACC* v) {
+#if IS_HALF
+    const uint2 q = *reinterpret_cast<const uint2*>(p);
+    v[0] = half_bits_to_float(q.x & 0xffffu); v[1] = half_bits_to_float(q.x >> 16);
+    v[2] = half_bits_to_float(q.y & 0xffffu); v[3] = half_bits_to_float(q.y >> 16);
+#else
+    const float4 q = *reinterpret_cast<const float4*>(p);
+    v[0] = q.x; v[1] = q.y; v[2] = q.z; v[3] = q.w;
+#endif
+}
+
 template <int C>
 __device__ __forceinline__ void fill_vec(ACC* s, const T* __restrict__ src, int z0) {
     constexpr int Q = XX / 4, TOTAL = C * IZ * XY * Q;
     const int tid = threadIdx.x;
 #pragma unroll 1
     for (int i0 = 0; i0 < TOTAL; i0 += VEC_BATCH * NT) {
-        float4 v[VEC_BATCH];
+        ACC v[VEC_BATCH][4];
         int at[VEC_BATCH];
 #pragma unroll
         for (int b = 0; b < VEC_BATCH; ++b) {
             const int i = i0 + b * NT + tid;
-            v[b].x = v[b].y = v[b].z = v[b].w = 0;
+            v[b][0] = v[b][1] = v[b][2] = v[b][3] = 0;
             at[b] = -1;
             if (i < TOTAL) {
                 const int q = i % Q, row = i / Q;
@@ -844,15 +870,14 @@ __device__ __forceinline__ void fill_vec(ACC* s, const T* __restrict__ src, int 
                 const int zz = r2 % IZ, ic = r2 / IZ;
                 const int iz = z0 + zz;
                 at[b] = ic * SLAB + (zz * PY + iy + LY) * PXP + LX + 4 * q;
-                if (iz >= 0 && iz < XZ)
-                    v[b] = *reinterpret_cast<const float4*>(src + ic * XS + ((i64)iz * XY + iy) * XX + 4 * q);
+                if (iz >= 0 && iz < XZ) load4(src + ic * XS + ((i64)iz * XY + iy) * XX + 4 * q, v[b]);
             }
         }
 #pragma unroll
         for (int b = 0; b < VEC_BATCH; ++b) {
             if (at[b] >= 0) {
                 ACC* d = s + at[b];
-                d[0] = v[b].x; d[1] = v[b].y; d[2] = v[b].z; d[3] = v[b].w;
+                d[0] = v[b][0]; d[1] = v[b][1]; d[2] = v[b][2]; d[3] = v[b][3];
             }
         }
     }
@@ -871,7 +896,12 @@ __device__ __forceinline__ void fill_any(ACC* s, const T* __restrict__ src, int 
 
 // VX outputs at p (p is VX-aligned when VST says so).
 __device__ __forceinline__ void store_outputs(T* p, int ox0, const ACC* a) {
-#if VST && VX == 4
+#if VST && VX == 4 && IS_HALF
+    uint2 q;
+    q.x = float_to_half_bits(a[0]) | (float_to_half_bits(a[1]) << 16);
+    q.y = float_to_half_bits(a[2]) | (float_to_half_bits(a[3]) << 16);
+    *reinterpret_cast<uint2*>(p) = q;
+#elif VST && VX == 4
     float4 q;
     q.x = a[0]; q.y = a[1]; q.z = a[2]; q.w = a[3];
     *reinterpret_cast<float4*>(p) = q;
@@ -1085,7 +1115,8 @@ def plane_source(dtype_name, consts):
         raise ValueError(f"dtype must be float16, float32 or float64, got dtype={dtype_name!r}") from None
     consts = dict(consts)
     vx, yx = consts["VX"], consts["YX"]
-    vst = int((storage == "float" and vx == 4 or storage == "double" and vx == 2) and yx % vx == 0)
+    vst = int((storage in ("float", "unsigned short") and vx == 4 or storage == "double" and vx == 2)
+              and yx % vx == 0)
     for name, value in (("CHUNK", 1), ("CIB", consts["CIG"]), ("ICBLK", 1), ("OCB", 1), ("FILL_VEC", 0), ("MINB", 1)):
         consts.setdefault(name, value)
     defines = "\n".join(f"#define {k} {int(v)}" for k, v in sorted(consts.items())) + f"\n#define VST {vst}"

@@ -177,11 +177,12 @@ def plan(op, g, dtype_name):
     cheapest = min(b[0] for b in per_vx)
     best = next(b for b in per_vx if b[0] <= cheapest * 1.15)
     _, vx, vec, tz, nt, iz, py, pxp, segs, win, winv, slab = best
-    # 16-byte loads of whole input rows when they land inside the shared window.  Measured
+    # 16-byte (float16: 8-byte) loads of whole input rows when they land inside the
+    # shared window.  Measured (float32)
     # on an H200 (scripts/plane_sweep.py --vec-ab): 10-40% faster for every weight
     # gradient and where each input feeds >= 27 multiply-adds (3-D 3x3x3, 1-D k31, 8x8
     # groups), 10% slower for 2-D 3x3 depthwise forward: scalar loads there.
-    fill_vec = int(dtype_name == "float32" and x3[2] % 4 == 0 and min(l3[1:]) >= 0
+    fill_vec = int(dtype_name in ("float32", "float16") and x3[2] % 4 == 0 and min(l3[1:]) >= 0
                    and l3[1] + x3[1] <= py and l3[2] + x3[2] <= pxp and (wgrad or cog * taps >= 27))
     slabs = _ceil(y3[0], tz)
     consts = (("CIG", cig), ("COG", cog), ("KZ", k3[0]), ("KY", k3[1]), ("KX", k3[2]),
