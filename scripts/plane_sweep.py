@@ -23,6 +23,29 @@ from ndconv.engine.gpu import GPUEngine, cuda_timer  # noqa: E402
 OPERANDS = {"forward": ("x", "w"), "backward_input": ("y", "w"), "backward_weight": ("x", "y")}
 
 
+def cases(args):
+    """(case, geometry, arrays by operand name) of each selected suite case."""
+    for case in bench.select_cases(bench.load_suite(bench.DEFAULT_SUITE)["gpu"], args.cases):
+        g = case.geometry()
+        arrays = {name: cp.random.standard_normal(shape, dtype=np.float32).astype(args.dtype)
+                  for name, shape in (("x", g.x_shape), ("w", g.w_shape), ("y", g.y_shape))}
+        yield case, g, arrays
+
+
+def time_plan(engine, op, g, arrays, dtype, repeat=1):
+    """(median ms, consts) of ``plane`` under the module's current settings, or None
+    when it cannot do the call; both plan caches are cleared first."""
+    plane = engine.algorithms.get("plane")
+    gpu_plane.plan.cache_clear()
+    plane._calls.clear()
+    p = gpu_plane.plan(op, g, dtype)
+    if p is None:
+        return None
+    a, b = (arrays[name] for name in OPERANDS[op])
+    ms = sorted(cuda_timer(lambda: plane.run(engine, op, a, b, g), 10) for _ in range(repeat))
+    return ms[len(ms) // 2], dict(p.consts)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cases", default="c2d_depthwise,c3d_depthwise,c1d_depthwise31,c2d_grouped32")
@@ -37,25 +60,18 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.vec_ab or args.wgrad_acc or args.wgrad_minb:
         return compare(args)
-    limits = [int(v) for v in args.limits.split(",")]
     engine = GPUEngine(autotune=False)
-    plane = engine.algorithms.get("plane")
     saved = gpu_plane.SMEM_LIMIT
-    for case in bench.select_cases(bench.load_suite(bench.DEFAULT_SUITE)["gpu"], args.cases):
-        g = case.geometry()
-        arrays = {name: cp.random.standard_normal(shape, dtype=np.float32).astype(args.dtype)
-                  for name, shape in (("x", g.x_shape), ("w", g.w_shape), ("y", g.y_shape))}
-        for op, (a, b) in OPERANDS.items():
+    for case, g, arrays in cases(args):
+        for op in OPERANDS:
             cells = []
-            for limit in limits:
+            for limit in (int(v) for v in args.limits.split(",")):
                 gpu_plane.SMEM_LIMIT = limit
-                gpu_plane.plan.cache_clear()
-                p = gpu_plane.plan(op, g, args.dtype)
-                if p is None:
+                got = time_plan(engine, op, g, arrays, args.dtype)
+                if got is None:
                     cells.append(f"{limit // 1024}K: -")
                     continue
-                c = dict(p.consts)
-                ms = cuda_timer(lambda: plane.run(engine, op, arrays[a], arrays[b], g), 10)
+                ms, c = got
                 cells.append(f"{limit // 1024}K: {ms:.3f} (TZ {c['TZ']}, NT {c['NT']}, VX {c['VX']})")
             print(f"{case.name:16s} {op:16s} " + "  ".join(cells), flush=True)
     gpu_plane.SMEM_LIMIT = saved
@@ -64,13 +80,9 @@ def main(argv=None):
 
 def compare(args):
     engine = GPUEngine(autotune=False)
-    plane = engine.algorithms.get("plane")
     aligned, acc, minb = gpu_plane._ALIGNED, gpu_plane.MAX_WGRAD_ACC, gpu_plane.WGRAD_MIN_BLOCKS
-    for case in bench.select_cases(bench.load_suite(bench.DEFAULT_SUITE)["gpu"], args.cases):
-        g = case.geometry()
-        arrays = {name: cp.random.standard_normal(shape, dtype=np.float32).astype(args.dtype)
-                  for name, shape in (("x", g.x_shape), ("w", g.w_shape), ("y", g.y_shape))}
-        for op, (a, b) in OPERANDS.items():
+    for case, g, arrays in cases(args):
+        for op in OPERANDS:
             if args.vec_ab:
                 variants = {"vec": aligned, "scalar": (aligned[0], aligned[0])}
                 knob = "_ALIGNED"
@@ -85,11 +97,8 @@ def compare(args):
             cells = []
             for label, value in variants.items():
                 setattr(gpu_plane, knob, value)
-                gpu_plane.plan.cache_clear()
-                plane._calls.clear()
-                c = dict(gpu_plane.plan(op, g, args.dtype).consts)
-                ms = [cuda_timer(lambda: plane.run(engine, op, arrays[a], arrays[b], g), 10) for _ in range(3)]
-                cells.append(f"{label}: {sorted(ms)[1]:.3f} (OCB {c.get('OCB', '-')}, CIB {c.get('CIB', '-')})")
+                ms, c = time_plan(engine, op, g, arrays, args.dtype, repeat=3)
+                cells.append(f"{label}: {ms:.3f} (OCB {c.get('OCB', '-')}, CIB {c.get('CIB', '-')})")
             print(f"{case.name:16s} {op:16s} " + "  ".join(cells), flush=True)
     gpu_plane._ALIGNED, gpu_plane.MAX_WGRAD_ACC, gpu_plane.WGRAD_MIN_BLOCKS = aligned, acc, minb
     gpu_plane.plan.cache_clear()

@@ -62,8 +62,8 @@ def test_plan_fits_shared_memory_and_covers_the_outputs():
                     assert p.grid[0] == g.y_channels // c["OCB"] * c["ICBLK"] * p.parts
                 itemsize = 8 if dtype == "float64" else 4
                 iz, py, pxp, *_, slab = gpu_plane._layout(
-                    c["CIG"], (c["KZ"], c["KY"], c["KX"]), (c["SZ"], c["SY"], c["SX"]),
-                    (c["DZ"], c["DY"], c["DX"]), None, (c["YZ"], c["YY"], c["YX"]), c["TZ"], c["VX"], c["VEC"])
+                    (c["KZ"], c["KY"], c["KX"]), (c["SZ"], c["SY"], c["SX"]),
+                    (c["DZ"], c["DY"], c["DX"]), (c["YZ"], c["YY"], c["YX"]), c["TZ"], c["VX"], c["VEC"])
                 planes = c["CIB"] if op == "backward_weight" else c["CIG"]
                 assert planes * slab * itemsize <= gpu_plane.SMEM_LIMIT
                 assert pxp % c["VEC"] == 0 and (c["VX"] * c["SX"]) % c["VEC"] == 0

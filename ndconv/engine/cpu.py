@@ -25,7 +25,6 @@ im2col, the first output dim).  ``peak_temp_bytes`` records the largest seen.
 """
 from __future__ import annotations
 
-import functools
 import math
 import os
 import platform
@@ -476,7 +475,7 @@ class CPUEngine:
     # ------------------------------------------------------------ grouped: compiled loops
 
     def _forward_grouped(self, x, w, g, dt):
-        off, lo, s, grid = _grouped_plan(g)
+        off, lo, s, grid = gr.conv_plan(g)
         y = np.empty(g.y_shape, dtype=dt)
         wk = np.ascontiguousarray(w, dtype=dt).reshape(g.y_channels, -1)
         gr.forward(dw.as5d(np.ascontiguousarray(x, dtype=dt), g.nd), wk, off, dw.as5d(y, g.nd), g.groups,
@@ -485,7 +484,7 @@ class CPUEngine:
         return y
 
     def _backward_input_grouped(self, gy, w, g, dt, gx):
-        off, starts, cols, plo, pgrid, s, lo, mlo, ngrid = _grouped_transposed_plan(g)
+        off, starts, cols, plo, pgrid, s, lo, mlo, ngrid = gr.transposed_plan(g)
         wt = gr.transposed_weight(w, g, cols, dt)
         gr.backward_input(dw.as5d(np.ascontiguousarray(gy, dtype=dt), g.nd), wt, off, starts, dw.as5d(gx, g.nd),
                           g.groups, plo, pgrid, s, lo, mlo, ngrid)
@@ -493,7 +492,7 @@ class CPUEngine:
         return gx
 
     def _backward_weight_grouped(self, x, gy, g, dt):
-        off, lo, s, grid = _grouped_plan(g)
+        off, lo, s, grid = gr.conv_plan(g)
         gw = np.empty((g.y_channels, len(off)), dtype=dt)
         gr.backward_weight(dw.as5d(np.ascontiguousarray(x, dtype=dt), g.nd),
                            dw.as5d(np.ascontiguousarray(gy, dtype=dt), g.nd), off, gw, g.groups, lo, s, grid)
@@ -614,16 +613,6 @@ _tuner_instance = None
 
 def _threads():
     return dw.numba.get_num_threads() if dw.AVAILABLE else 1
-
-
-@functools.lru_cache(maxsize=256)
-def _grouped_plan(g):
-    return gr.conv_plan(g)
-
-
-@functools.lru_cache(maxsize=256)
-def _grouped_transposed_plan(g):
-    return gr.transposed_plan(g)
 
 
 def _shared_tuner():

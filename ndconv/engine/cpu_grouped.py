@@ -28,6 +28,8 @@ Every array is 5-D (N, C, D, H, W); 1-D and 2-D calls add unit axes.  Each
 parallel job owns its output (a (sample, group) block of y or gx, or a group of
 gw, summed over the batch in order), so results do not depend on threading.
 """
+import functools
+
 import numpy as np
 
 try:
@@ -342,6 +344,12 @@ def _flat_index(pos, dims):
     return at
 
 
+def _reach(g):
+    """Grid positions per phase a tap can reach, per dim: Q = d(k-1)//s + 1."""
+    return [d * (k - 1) // s + 1 for k, d, s in zip(g.kernel, g.dilation, g.stride)]
+
+
+@functools.lru_cache(maxsize=256)
 def conv_plan(g):
     """Sources of the forward / weight-gradient loops: (offsets (Cx/G*K,), lo, s, grid).
 
@@ -349,8 +357,7 @@ def conv_plan(g):
     dim k*d = q*s + r; the grid holds Y - 1 + Q positions per dim, Q = d(k-1)//s + 1.
     """
     cg = g.x_channels // g.groups
-    ext = [d * (k - 1) // s + 1 for k, d, s in zip(g.kernel, g.dilation, g.stride)]
-    grid = _pad3([o - 1 + e for o, e in zip(g.y_size, ext)], 1)
+    grid = _pad3([o - 1 + e for o, e in zip(g.y_size, _reach(g))], 1)
     s3 = _pad3(g.stride, 1)
     mtot = grid[0] * grid[1] * grid[2]
     offsets = []
@@ -364,6 +371,7 @@ def conv_plan(g):
             np.array(s3, dtype=np.int64), np.array(grid, dtype=np.int64))
 
 
+@functools.lru_cache(maxsize=256)
 def transposed_plan(g):
     """Sources of the input-gradient loop, grouped by the phase of the padded input.
 
@@ -373,7 +381,7 @@ def transposed_plan(g):
     (co, k) of each source, plo, pgrid, s, lo, mlo, ngrid).
     """
     yg = g.y_channels // g.groups
-    ext = [d * (k - 1) // s + 1 for k, d, s in zip(g.kernel, g.dilation, g.stride)]
+    ext = _reach(g)
     mlo = [lo // s for lo, s in zip(g.pad_lo, g.stride)]
     mhi = [(x - 1 + lo) // s + 1 for x, lo, s in zip(g.x_size, g.pad_lo, g.stride)]
     ngrid = _pad3([b - a for a, b in zip(mlo, mhi)], 1)
@@ -411,11 +419,7 @@ def transposed_weight(w, g, cols, dt):
 def buffer_bytes(g, itemsize, threads):
     """Per-thread buffers of the three loops at once (a bound), times the threads."""
     cg, yg = g.x_channels // g.groups, g.y_channels // g.groups
-    ext = [d * (k - 1) // s + 1 for k, d, s in zip(g.kernel, g.dilation, g.stride)]
-    grid = [o - 1 + e for o, e in zip(g.y_size, ext)]
-    planes = cg * int(np.prod(g.stride)) * int(np.prod(grid))
-    outputs = yg * int(np.prod(grid))
-    ngrid = [(x - 1 + lo) // s + 1 - lo // s for x, lo, s in zip(g.x_size, g.pad_lo, g.stride)]
-    pgrid = [n + e - 1 for n, e in zip(ngrid, ext)]
-    transposed = yg * int(np.prod(pgrid)) + cg * int(np.prod(pgrid))
-    return itemsize * threads * max(planes + 2 * outputs, transposed)
+    grid = int(np.prod(conv_plan(g)[3]))
+    pgrid = int(np.prod(transposed_plan(g)[4]))
+    planes = cg * int(np.prod(g.stride)) * grid
+    return itemsize * threads * max(planes + 2 * yg * grid, (yg + cg) * pgrid)

@@ -12,10 +12,10 @@ per geometry (channel and batch counts stay run-time arguments).
 
 Input gradient (stride 1): the forward code run on ``gy`` with the kernel flipped
 and the group's weight block transposed (``FLIP``), padding ``(K-1)*D - L``.
-Weight gradient: block (output channel, part) sums ``gy*x`` for all ``CIG*KT``
-weights of that channel over a fixed chunk of (sample, slab) steps, reduces in a
-fixed order inside the block, and a second kernel adds the parts in order.  The
-chunking depends on the geometry only: results are bitwise reproducible.
+Weight gradient: block (OCB output channels, CIB input channels, part) sums
+``gy*x`` for the weights joining them over a fixed chunk of (sample, slab) steps,
+reduces in a fixed order inside the block, and a second kernel adds the parts in
+order.  The chunking depends on the geometry only: results are bitwise reproducible.
 
 The planning half is plain Python, checked without a GPU.
 """
@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .gpu_depthwise import _acc_itemsize, _vec
 from .registry import FLOATS as _FLOATS
 from .registry import OPS, Algorithm
 
@@ -85,16 +86,7 @@ class Plan:
     parts: int = 1       # weight gradient: chunks per output channel
 
 
-def _itemsize(dtype_name):
-    return 8 if dtype_name == "float64" else 4
-
-
-def _vec(dtype_name, step):
-    widths = (2, 1) if dtype_name == "float64" else (4, 2, 1)
-    return next(v for v in widths if step % v == 0)
-
-
-def _layout(cig, k3, s3, d3, src3, dst3, tz, vx, vec):
+def _layout(k3, s3, d3, dst3, tz, vx, vec):
     """(IZ, PY, PXP, SEGS, WIN, WINV, SLAB) of a slab of ``tz`` output slices."""
     kz, ky, kx = k3
     sz, sy, sx = s3
@@ -149,7 +141,7 @@ def plan(op, g, dtype_name):
         return None
     ocb, cib = max(pairs)[2:] if pairs else (1, 1)
     planes = cib if wgrad else cig
-    acc_bytes = _itemsize(dtype_name)
+    acc_bytes = _acc_itemsize(dtype_name)
     per_vx = []                  # the cheapest slab for each vx
     for vx in ((2, 1) if dtype_name == "float64" else (4, 2, 1)):
         if not wgrad and cog * vx > MAX_ACC:
@@ -157,7 +149,7 @@ def plan(op, g, dtype_name):
         vec = _vec(dtype_name, vx * s3[2])
         best = None
         for tz in range(min(y3[0], 64), 0, -1):
-            iz, py, pxp, segs, win, winv, slab = _layout(cig, k3, s3, d3, x3, y3, tz, vx, vec)
+            iz, py, pxp, segs, win, winv, slab = _layout(k3, s3, d3, y3, tz, vx, vec)
             items = tz * y3[1] * segs
             nt = _threads(items)
             red = (nt // 32) * ocb * cib * taps if wgrad else cig * cog * taps
@@ -178,10 +170,10 @@ def plan(op, g, dtype_name):
     best = next(b for b in per_vx if b[0] <= cheapest * 1.15)
     _, vx, vec, tz, nt, iz, py, pxp, segs, win, winv, slab = best
     # 16-byte (float16: 8-byte) loads of whole input rows when they land inside the
-    # shared window.  Measured (float32)
-    # on an H200 (scripts/plane_sweep.py --vec-ab): 10-40% faster for every weight
-    # gradient and where each input feeds >= 27 multiply-adds (3-D 3x3x3, 1-D k31, 8x8
-    # groups), 10% slower for 2-D 3x3 depthwise forward: scalar loads there.
+    # shared window.  Measured in float32 on an H200 (scripts/plane_sweep.py --vec-ab):
+    # 10-40% faster for every weight gradient and where each input feeds >= 27
+    # multiply-adds (3-D 3x3x3, 1-D k31, 8x8 groups), 10% slower for 2-D 3x3 depthwise
+    # forward: scalar loads there.
     fill_vec = int(dtype_name in ("float32", "float16") and x3[2] % 4 == 0 and min(l3[1:]) >= 0
                    and l3[1] + x3[1] <= py and l3[2] + x3[2] <= pxp and (wgrad or cog * taps >= 27))
     slabs = _ceil(y3[0], tz)
@@ -236,8 +228,9 @@ class Plane(Algorithm):
         return mod.get_function(name)
 
     def _launches(self, op, g, dtype_name):
-        """[(function, grid, block, output shape or None, int arguments)] of one call,
-        plus the weight-gradient scratch size; worked out once per call shape."""
+        """(function, grid, block, int arguments, weight-gradient scratch elements, the
+        final kernel's (function, grid, block, int arguments) or None) of one call,
+        worked out once per call shape."""
         import cupy as cp
         key = (cp.cuda.runtime.getDevice(), op, g, dtype_name)
         found = self._calls.get(key)
