@@ -263,10 +263,10 @@ def test_functional_vs_torch_and_cpu(tcuda, gpu, name, alg, dtype):
 @pytest.mark.parametrize("alg", ALGOS)
 def test_float32_against_torch_float32(tcuda, gpu, alg):
     """Same dtype on both sides (TF32 off in PyTorch)."""
-    if alg == "cudnn" and not cudnn.available():
+    if alg.startswith("cudnn") and not cudnn.available():
         pytest.skip(f"cuDNN is not installed: {cudnn.load_error()}")
     case = dict(kind="conv", x=(4, 8, 12, 12), w=(8, 1, 3, 3), padding=1, groups=8)
-    if alg in ("im2col_gemm", "cudnn", "phases"):
+    if alg in ("im2col_gemm", "cudnn", "cudnn_graph", "phases"):
         case = dict(kind="conv", x=(4, 8, 12, 12), w=(6, 4, 3, 3), stride=2, padding=1, groups=2)
     if alg == "flat_gemm":
         case = dict(kind="conv", x=(4, 8, 12, 12), w=(6, 4, 3, 2), dilation=(1, 2), padding=(2, 1), groups=2)
@@ -446,7 +446,7 @@ def test_deterministic(g, dtype):
                 try:
                     first = run_primitive(GPUEngine(algorithm=alg, workspace_limit=limit), op, g, arrays)
                 except RuntimeError as e:   # cuDNN: no deterministic kernel within this limit
-                    assert alg == "cudnn" and "cannot run" in str(e), e
+                    assert alg.startswith("cudnn") and "cannot run" in str(e), e
                     continue
                 for _ in range(2):
                     again = run_primitive(GPUEngine(algorithm=alg, workspace_limit=limit), op, g, arrays)
@@ -651,7 +651,7 @@ def test_optimize_caches_a_choice():
     dense = geometry((2, 4, 8, 8), (8, 4, 3, 3))
     dense_choice = eng.optimize(dense, np.float64)
     assert set(dense_choice) == set(OPS)
-    assert set(dense_choice.values()) <= {"im2col_gemm", "cudnn", "flat_gemm"}
+    assert set(dense_choice.values()) <= {"im2col_gemm", "cudnn", "cudnn_graph", "flat_gemm"}
     other = "im2col_gemm" if choice["forward"] != "im2col_gemm" else "depthwise_direct"
     with eng.force("forward", other):                               # forcing beats tuning
         assert eng.choose("forward", g, np.float32).name == other
@@ -727,7 +727,7 @@ def test_non_finite_values_propagate():
         with get_engine(cp.empty(0)).force(None, alg):
             got = host(F.conv2d(cp.asarray(x), cp.asarray(w), padding=1))
         ref = F.conv2d(x, w, padding=1)
-        if alg == "cudnn":
+        if alg.startswith("cudnn"):
             # cuDNN's transform algorithms (FFT, Winograd) may spread a non-finite input
             # over a whole tile, as they do under PyTorch; every non-finite output of the
             # direct sum must still be non-finite.

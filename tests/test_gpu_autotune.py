@@ -137,3 +137,76 @@ def test_cudnn_absent_means_not_supported(monkeypatch):
     g = geometry((1, 2, 5, 5), (2, 2, 3, 3), padding=1)
     assert not ALGORITHMS.get("cudnn").supports("forward", g, np.float32)
     assert GPUEngine().choose("forward", g, np.float32).name != "cudnn"
+
+
+# ------------------------------------------------------------------ cuDNN's graph API
+
+GRAPH_GEOMETRIES = [
+    geometry((3, 6, 17), (4, 3, 5), stride=2, padding=2, dilation=1, groups=2),
+    geometry((2, 8, 11, 13), (8, 2, 3, 3), stride=(1, 2), padding=1, dilation=(2, 1), groups=4),
+    geometry((2, 6, 10, 9), (5, 6, 4, 4), padding=[(2, 1), (1, 0)]),   # less padding after than before
+    geometry((2, 4, 6, 7, 5), (4, 1, 3, 3, 3), padding=1, groups=4),
+    conv_transpose_geometry((2, 4, 5, 5), (4, 3, 4, 4), None, 2, 1, 0, 1, 1)[0],
+]
+
+
+@needs_cudnn
+@pytest.mark.parametrize("dtype", ["float64", "float32", "float16"])
+@pytest.mark.parametrize("g", GRAPH_GEOMETRIES, ids=["1d", "2d_grouped", "2d_asymmetric", "3d_depthwise",
+                                                     "2d_transposed_k4s2"])
+def test_cudnn_graph_forced_matches_cpu_and_is_deterministic(g, dtype):
+    x, w, y = arrays(g, dtype, 3)
+    dev = tuple(cp.asarray(a) for a in (x, w, y))
+    cpu = CPUEngine()
+    tol = {"float64": 1e-12, "float32": 1e-5, "float16": 4e-3}[dtype]
+    alg = ALGORITHMS.get("cudnn_graph")
+    assert alg.supports("forward", g, np.dtype(dtype))
+    for op in OPS:
+        try:
+            got = run(GPUEngine(algorithm="cudnn_graph"), op, g, *dev)
+        except RuntimeError as e:          # no deterministic engine (some float64 gradients)
+            assert dtype == "float64" and "cannot run" in str(e), e
+            continue
+        assert got.dtype == np.dtype(dtype)
+        ref = run(cpu, op, g, *(a.astype(np.float64) for a in (x, w, y)))
+        err = np.linalg.norm(cp.asnumpy(got).astype(np.float64) - ref) / np.linalg.norm(ref)
+        assert err < tol, (op, err)
+        again = run(GPUEngine(algorithm="cudnn_graph"), op, g, *dev)
+        assert bool(cp.all(got.view(cp.uint8) == again.view(cp.uint8))), op
+
+
+@needs_cudnn
+def test_cudnn_graph_takes_addresses_that_are_not_16_byte_aligned():
+    g = geometry((2, 8, 12, 12), (8, 8, 3, 3), padding=1)
+    x, w, y = arrays(g, np.float32, 5)
+    eng = GPUEngine(algorithm="cudnn_graph")
+    flat = cp.zeros(x.size + 1, np.float32)
+    flat[1:] = cp.asarray(x.ravel())
+    xs = flat[1:].reshape(x.shape)                    # 4 bytes past an aligned address
+    assert xs.data.ptr % 16 == 4
+    got = cp.asnumpy(eng.forward(xs, cp.asarray(w), g))
+    ref = CPUEngine().forward(x.astype(np.float64), w.astype(np.float64), g)
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
+
+
+@needs_cudnn
+def test_cudnn_graph_records_its_choice_and_a_new_process_reuses_it(tmp_path):
+    g = geometry((4, 32, 24, 24), (32, 32, 3, 3), padding=1)
+    path = tmp_path / "g.json"
+    eng = GPUEngine(algorithm="cudnn_graph", workspace_limit=1 << 23,
+                    tuner=Autotuner(path=path, timer=cuda_timer))
+    x, w, y = (cp.asarray(a) for a in arrays(g, np.float32))
+    eng.peak_temp_bytes = 0
+    first = [run(eng, op, g, x, w, y) for op in OPS]
+    assert eng.peak_temp_bytes <= 1 << 23
+    keys = {k: v for k, v in eng.tuner.entries(device_context(0)).items() if k.startswith("cudnn_graph:")}
+    assert len(keys) == len(OPS)
+    assert all(v.split(",")[0].isdigit() for v in keys.values())       # "engine index,knob=value..."
+    # a new algorithm object (as in a new process) takes the remembered engines: same bits
+    from ndconv.engine.cudnn_graph import CudnnGraph
+    fresh_alg = CudnnGraph()
+    fresh = GPUEngine(workspace_limit=1 << 23, tuner=Autotuner(path=path, timer=cuda_timer))
+    for op, ref in zip(OPS, first):
+        a, b = {"forward": (x, w), "backward_input": (y, w), "backward_weight": (x, y)}[op]
+        again = fresh_alg.run(fresh, op, a, b, g)
+        assert bool(cp.all(again.view(cp.uint8) == ref.view(cp.uint8))), op

@@ -1,4 +1,5 @@
 """The algorithm registry and the lazy GPU import: no CuPy or GPU needed (runs on CI)."""
+import dataclasses
 import subprocess
 import sys
 
@@ -68,3 +69,27 @@ def test_cudnn_module_without_a_gpu():
     env = dict(os.environ, NDCONV_DISABLE_CUDNN="1")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
     assert out.stdout.strip() == "False disabled by NDCONV_DISABLE_CUDNN False (1, 1)"
+
+
+def test_cudnn_graph_padding_rule_and_alignment():
+    """Pure Python: the graph API's (pre, post) padding and the address alignment it is told."""
+    from ndconv.engine import cudnn_graph
+
+    def g(x, w, **kw):
+        return conv_geometry(x, w, **kw)[0]
+
+    assert cudnn_graph.graph_padding(g((1, 1, 9, 9), (1, 1, 3, 3), padding=1)) == ((1, 1), (1, 1))
+    # more padding after than before ('same' with an even kernel pads 1 and 2): not taken
+    assert cudnn_graph.graph_padding(g((1, 1, 8, 8), (1, 1, 4, 4), padding="same")) is None
+    assert cudnn_graph.graph_padding(g((1, 1, 1, 1), (2, 1, 1, 1), padding=[(0, 0), (0, 1)])) is None
+    # high padding no window reads is dropped
+    assert cudnn_graph.graph_padding(g((1, 1, 9), (1, 1, 3), stride=2, padding=[(1, 2)])) == ((1,), (1,))
+    # trailing input positions no window reads need no padding
+    assert cudnn_graph.graph_padding(g((1, 1, 10), (1, 1, 3), stride=4)) == ((0,), (0,))
+    # fewer outputs than cuDNN gives without any high padding: not expressible
+    short = dataclasses.replace(g((1, 1, 10), (1, 1, 3)), y_size=(7,), pad_hi=(-1,))
+    assert cudnn_graph.graph_padding(short) is None
+    assert not cudnn_graph.CudnnGraph().supports("forward", short, np.float32)
+    assert cudnn_graph._alignment(256, 512, 1024) == 16
+    assert cudnn_graph._alignment(256, 516, 1024) == 4
+    assert cudnn_graph._alignment(258, 512) == 2

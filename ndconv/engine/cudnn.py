@@ -163,6 +163,13 @@ def _declare(lib):
         "cudnnConvolutionForward": (I, [P, P, P, P, P, P, P, I, P, S, P, P, P]),
         "cudnnConvolutionBackwardData": (I, [P, P, P, P, P, P, P, I, P, S, P, P, P]),
         "cudnnConvolutionBackwardFilter": (I, [P, P, P, P, P, P, P, I, P, S, P, P, P]),
+        # the backend (graph) API, used by cudnn_graph.py
+        "cudnnBackendCreateDescriptor": (I, [I, ctypes.POINTER(P)]),
+        "cudnnBackendDestroyDescriptor": (I, [P]),
+        "cudnnBackendSetAttribute": (I, [P, I, I, ctypes.c_int64, P]),
+        "cudnnBackendGetAttribute": (I, [P, I, I, ctypes.c_int64, ctypes.POINTER(ctypes.c_int64), P]),
+        "cudnnBackendFinalize": (I, [P]),
+        "cudnnBackendExecute": (I, [P, P, P]),
     }
     for name, (res, args) in sig.items():
         fn = getattr(lib, name)
@@ -216,6 +223,24 @@ def _strides(dims):
         out.append(acc)
         acc *= max(n, 1)
     return out[::-1]
+
+
+_handles = {}
+
+
+def cudnn_handle(cp):
+    """This device's cuDNN handle (one per process), bound to CuPy's current stream."""
+    dev = cp.cuda.runtime.getDevice()
+    entry = _handles.get(dev)
+    if entry is None:
+        h = ctypes.c_void_p()
+        _check(_lib.cudnnCreate(ctypes.byref(h)), "cudnnCreate")
+        entry = _handles[dev] = [h, None]
+    stream = cp.cuda.get_current_stream().ptr
+    if entry[1] != stream:
+        _check(_lib.cudnnSetStream(entry[0], ctypes.c_void_p(stream)), "cudnnSetStream")
+        entry[1] = stream
+    return entry[0]
 
 
 class _Plan:
@@ -299,7 +324,6 @@ class Cudnn(Algorithm):
 
     def __init__(self):
         self._plans = {}
-        self._handles = {}
 
     def supports(self, op, g, dtype):
         dtype = np.dtype(dtype)
@@ -316,19 +340,6 @@ class Cudnn(Algorithm):
 
     # ------------------------------------------------------------------ run
 
-    def _handle(self, cp):
-        dev = cp.cuda.runtime.getDevice()
-        entry = self._handles.get(dev)
-        if entry is None:
-            h = ctypes.c_void_p()
-            _check(_lib.cudnnCreate(ctypes.byref(h)), "cudnnCreate")
-            entry = self._handles[dev] = [h, None]
-        stream = cp.cuda.get_current_stream().ptr
-        if entry[1] != stream:            # bind the handle to the caller's current stream
-            _check(_lib.cudnnSetStream(entry[0], ctypes.c_void_p(stream)), "cudnnSetStream")
-            entry[1] = stream
-        return entry[0]
-
     def _plan(self, cp, g, dtype):
         key = (cp.cuda.runtime.getDevice(), g, dtype.char)
         plan = self._plans.get(key)
@@ -341,7 +352,7 @@ class Cudnn(Algorithm):
     def run(self, engine, op, a, b, g):
         import cupy as cp
         plan = self._plan(cp, g, a.dtype)
-        handle = self._handle(cp)
+        handle = cudnn_handle(cp)
         if op == "forward":
             out = cp.empty(g.y_shape, dtype=a.dtype)
             descs, arrays = (plan.x, plan.w, plan.y), (a, b, out)

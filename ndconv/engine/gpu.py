@@ -47,6 +47,7 @@ import numpy as np
 
 from . import autotune, gpu_blas, gpu_kernels, phases
 from .cudnn import Cudnn
+from .cudnn_graph import CudnnGraph
 from .cudnn import version as cudnn_version
 from .gpu_depthwise import DepthwiseTiled
 from .gpu_plane import Plane
@@ -70,14 +71,14 @@ def compute_dtype(dtype):
 _modules = {}
 
 
-def _kernel(nd, dtype, name):
-    key = (cp.cuda.runtime.getDevice(), nd, dtype, name)
+def _kernel(nd, dtype, name, index32=False):
+    key = (cp.cuda.runtime.getDevice(), nd, dtype, name, index32)
     fn = _modules.get(key)
     if fn is None:
-        mod_key = (key[0], nd, np.dtype(dtype).name)
+        mod_key = (key[0], nd, np.dtype(dtype).name, index32)
         mod = _modules.get(mod_key)
         if mod is None:
-            mod = _modules[mod_key] = cp.RawModule(code=gpu_kernels.source(nd, mod_key[2]))
+            mod = _modules[mod_key] = cp.RawModule(code=gpu_kernels.source(nd, mod_key[2], index32))
         fn = _modules[key] = mod.get_function(name)
     return fn
 
@@ -97,6 +98,11 @@ def _geometry_params(g):
             _params.clear()
         arr = _params[key] = cp.asarray(host)
     return arr
+
+
+def _fits32(*arrays):
+    """True when every flat index into these arrays fits a 32-bit int."""
+    return max(a.size for a in arrays) < 2 ** 31
 
 
 def _launch(kernel, total, args, threads=_THREADS):
@@ -149,8 +155,12 @@ class Im2colGemm(Algorithm):
         nb, rows = n1 - n0, b - a
         p = rows * math.prod(g.y_size[1:])
         cols = cp.empty((g.groups, (g.x_channels // g.groups) * g.taps, nb * p), dtype=dt)
-        _launch(_kernel(g.nd, x.dtype, "im2col"), cols.size,
-                (x, cols, _geometry_params(g), _i64(n0), _i64(nb), _i64(a), _i64(rows)))
+        q, r = nb * p, g.x_channels * g.taps
+        # y: one block row per column row (c, tap); x: the (n, p) of that row
+        threads = min(_THREADS, 32 * -(-q // 32))
+        grid = (min(-(-q // threads), _MAX_BLOCKS), min(r, 65535))
+        _kernel(g.nd, x.dtype, "im2col", _fits32(x, cols))(
+            grid, (threads,), (x, cols, _geometry_params(g), _i64(n0), _i64(nb), _i64(a), _i64(rows)))
         return cols
 
     @staticmethod
@@ -193,7 +203,7 @@ class Im2colGemm(Algorithm):
             engine._note(gyt, gcols)
             del gyt
             if (a, b) == (0, g.y_size[0]):
-                _launch(_kernel(g.nd, gy.dtype, "col2im_store"),
+                _launch(_kernel(g.nd, gy.dtype, "col2im_store", _fits32(gcols, gx)),
                         (n1 - n0) * g.x_channels * math.prod(g.x_size),
                         (gcols, gx, params, _i64(n0), _i64(n1 - n0)))
                 continue
@@ -206,7 +216,7 @@ class Im2colGemm(Algorithm):
             i0 = max(0, a * s0 - lo0)
             i1 = min(g.x_size[0], (b - 1) * s0 - lo0 + d0 * (k0 - 1) + 1)
             if i1 > i0:
-                _launch(_kernel(g.nd, gy.dtype, "col2im_add"),
+                _launch(_kernel(g.nd, gy.dtype, "col2im_add", _fits32(gcols, buf)),
                         g.x_channels * (i1 - i0) * math.prod(g.x_size[1:]),
                         (gcols, buf, params, _i64(a), _i64(b - a), _i64(i0), _i64(i1 - i0)))
             if b == g.y_size[0]:
@@ -302,6 +312,7 @@ def pointwise(g):
 # installed, then the generic paths.
 ALGORITHMS = Registry()
 ALGORITHMS.register(Cudnn())
+ALGORITHMS.register(CudnnGraph())
 ALGORITHMS.register(phases.Phases())
 ALGORITHMS.register(phases.SpaceToBatch())
 ALGORITHMS.register(FlatGemm())

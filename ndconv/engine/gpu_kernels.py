@@ -56,35 +56,44 @@ typedef __ACC__ ACC;
 
 __HALF_IO__
 
-struct Geo {
-    i64 N, Cx, Cy, G;
-    i64 X[ND], Y[ND], K[ND], S[ND], D[ND], L[ND];
-};
+// The index type of the im2col family: int where every flat index of the call fits
+// in 31 bits (the host picks that module), else 64-bit.  32-bit division is several
+// times cheaper than 64-bit on the GPU, and these kernels divide per element.
+typedef __IX__ ix;
 
-__device__ __forceinline__ Geo load_geo(const i64* __restrict__ p) {
-    Geo g;
-    g.N = p[0]; g.Cx = p[1]; g.Cy = p[2]; g.G = p[3];
+template <typename I> struct GeoT {
+    I N, Cx, Cy, G;
+    I X[ND], Y[ND], K[ND], S[ND], D[ND], L[ND];
+};
+typedef GeoT<i64> Geo;
+
+template <typename I = i64>
+__device__ __forceinline__ GeoT<I> load_geo(const i64* __restrict__ p) {
+    GeoT<I> g;
+    g.N = (I)p[0]; g.Cx = (I)p[1]; g.Cy = (I)p[2]; g.G = (I)p[3];
 #pragma unroll
     for (int d = 0; d < ND; ++d) {
-        g.X[d] = p[4 + d];
-        g.Y[d] = p[4 + ND + d];
-        g.K[d] = p[4 + 2 * ND + d];
-        g.S[d] = p[4 + 3 * ND + d];
-        g.D[d] = p[4 + 4 * ND + d];
-        g.L[d] = p[4 + 5 * ND + d];
+        g.X[d] = (I)p[4 + d];
+        g.Y[d] = (I)p[4 + ND + d];
+        g.K[d] = (I)p[4 + 2 * ND + d];
+        g.S[d] = (I)p[4 + 3 * ND + d];
+        g.D[d] = (I)p[4 + 4 * ND + d];
+        g.L[d] = (I)p[4 + 5 * ND + d];
     }
     return g;
 }
 
-__device__ __forceinline__ i64 prod3(const i64* v) {
-    i64 p = 1;
+template <typename I>
+__device__ __forceinline__ I prod3(const I* v) {
+    I p = 1;
 #pragma unroll
     for (int d = 0; d < ND; ++d) p *= v[d];
     return p;
 }
 
 // Odometer over the kernel taps, last dimension fastest (the weight's layout).
-__device__ __forceinline__ void next_tap(i64* k, const Geo& g) {
+template <typename I>
+__device__ __forceinline__ void next_tap(I* k, const GeoT<I>& g) {
 #pragma unroll
     for (int d = ND - 1; d >= 0; --d) {
         if (++k[d] < g.K[d]) return;
@@ -98,69 +107,77 @@ __device__ __forceinline__ void next_tap(i64* k, const Geo& g) {
 
 // ------------------------------------------------------------------ im2col / col2im
 
-// cols[(c*K + tap), n, p] = x[n0+n, c, o*S - L + k*D] (zero outside), where p runs
-// over output rows a..a+rows (first dim) and all of the other output dims.
+// cols[r = c*K + tap, n, p] = x[n0+n, c, o*S - L + k*D] (zero outside), where p runs
+// over output rows a..a+rows (first dim) and all of the other output dims.  Grid:
+// y over the rows r (the tap's offsets are worked out once per row), x over (n, p).
 extern "C" __global__ void im2col(const T* __restrict__ x, ACC* __restrict__ cols,
-                                  const i64* __restrict__ gp, i64 n0, i64 nb, i64 a, i64 rows) {
-    const Geo g = load_geo(gp);
-    i64 Yc[ND];
-    Yc[0] = rows;
+                                  const i64* __restrict__ gp, i64 n0_, i64 nb_, i64 a_, i64 rows_) {
+    const GeoT<ix> g = load_geo<ix>(gp);
+    const ix n0 = (ix)n0_, nb = (ix)nb_, a = (ix)a_;
+    ix Yc[ND];
+    Yc[0] = (ix)rows_;
 #pragma unroll
     for (int d = 1; d < ND; ++d) Yc[d] = g.Y[d];
-    const i64 P = prod3(Yc), K = prod3(g.K);
-    const i64 total = g.Cx * K * nb * P;
-    GRID_LOOP(idx, total) {
-        i64 r = idx;
-        i64 p = r % P; r /= P;
-        const i64 n = r % nb; r /= nb;
-        i64 tap = r % K;
-        const i64 c = r / K;
-        i64 pos[ND];
-        bool inside = true;
+    const ix P = prod3(Yc), K = prod3(g.K), Q = nb * P;
+    for (ix r = blockIdx.y; r < g.Cx * K; r += gridDim.y) {
+        ix tap = r % K;
+        const ix c = r / K;
+        ix first[ND];                    // input position of output 0 for this tap
 #pragma unroll
         for (int d = ND - 1; d >= 0; --d) {
-            i64 o = p % Yc[d]; p /= Yc[d];
-            const i64 k = tap % g.K[d]; tap /= g.K[d];
-            if (d == 0) o += a;
-            const i64 i = o * g.S[d] - g.L[d] + k * g.D[d];
-            pos[d] = i;
-            inside = inside && i >= 0 && i < g.X[d];
+            first[d] = (tap % g.K[d]) * g.D[d] - g.L[d] + (d == 0 ? a * g.S[0] : 0);
+            tap /= g.K[d];
         }
-        ACC v = 0;
-        if (inside) {
-            i64 off = (n0 + n) * g.Cx + c;
+        ACC* out = cols + (i64)r * Q;
+        for (ix q = blockIdx.x * blockDim.x + threadIdx.x; q < Q; q += blockDim.x * gridDim.x) {
+            ix p = q % P;
+            const ix n = q / P;
+            ix pos[ND];
+            bool inside = true;
 #pragma unroll
-            for (int d = 0; d < ND; ++d) off = off * g.X[d] + pos[d];
-            v = ld(x, off);
+            for (int d = ND - 1; d >= 0; --d) {
+                ix o = p;
+                if (d > 0) { o = p % Yc[d]; p /= Yc[d]; }
+                const ix i = o * g.S[d] + first[d];
+                pos[d] = i;
+                inside = inside && i >= 0 && i < g.X[d];
+            }
+            ACC v = 0;
+            if (inside) {
+                ix off = (n0 + n) * g.Cx + c;
+#pragma unroll
+                for (int d = 0; d < ND; ++d) off = off * g.X[d] + pos[d];
+                v = ld(x, off);
+            }
+            out[q] = v;
         }
-        cols[idx] = v;
     }
 }
 
 // Sum over taps (fixed order) of the columns that x[n, c, i] fed.  i[0] is absolute.
-__device__ __forceinline__ ACC col2im_sum(const ACC* __restrict__ gcols, const Geo& g,
-                                          const i64* Yc, i64 P, i64 K, i64 nb, i64 n, i64 c,
-                                          const i64* i, i64 a) {
+__device__ __forceinline__ ACC col2im_sum(const ACC* __restrict__ gcols, const GeoT<ix>& g,
+                                          const ix* Yc, ix P, ix K, ix nb, ix n, ix c,
+                                          const ix* i, ix a) {
     ACC acc = 0;
-    i64 k[ND];
+    ix k[ND];
 #pragma unroll
     for (int d = 0; d < ND; ++d) k[d] = 0;
-    const ACC* base = gcols + (c * K * nb + n) * P;
-    const i64 tap_stride = nb * P;
-    for (i64 tap = 0; tap < K; ++tap) {
+    const ACC* base = gcols + ((i64)c * K * nb + n) * P;
+    const ix tap_stride = nb * P;
+    for (ix tap = 0; tap < K; ++tap) {
         bool ok = true;
-        i64 p = 0;
+        ix p = 0;
 #pragma unroll
         for (int d = 0; d < ND; ++d) {
-            const i64 t = i[d] + g.L[d] - k[d] * g.D[d];
-            i64 o = t >= 0 ? t / g.S[d] : -1;
+            const ix t = i[d] + g.L[d] - k[d] * g.D[d];
+            ix o = t >= 0 ? t / g.S[d] : -1;
             bool hit = t >= 0 && o * g.S[d] == t;
             if (d == 0) o -= a;
             hit = hit && o >= 0 && o < Yc[d];
             ok = ok && hit;
             p = p * Yc[d] + o;
         }
-        if (ok) acc += base[tap * tap_stride + p];
+        if (ok) acc += base[(i64)tap * tap_stride + p];
         next_tap(k, g);
     }
     return acc;
@@ -168,17 +185,18 @@ __device__ __forceinline__ ACC col2im_sum(const ACC* __restrict__ gcols, const G
 
 // gx[n0:n0+nb] from the columns of all output rows: every element written once.
 extern "C" __global__ void col2im_store(const ACC* __restrict__ gcols, T* __restrict__ gx,
-                                        const i64* __restrict__ gp, i64 n0, i64 nb) {
-    const Geo g = load_geo(gp);
-    const i64 P = prod3(g.Y), K = prod3(g.K), XS = prod3(g.X);
-    const i64 total = nb * g.Cx * XS;
-    GRID_LOOP(idx, total) {
-        i64 r = idx;
-        i64 i[ND];
+                                        const i64* __restrict__ gp, i64 n0, i64 nb_) {
+    const GeoT<ix> g = load_geo<ix>(gp);
+    const ix nb = (ix)nb_;
+    const ix P = prod3(g.Y), K = prod3(g.K), XS = prod3(g.X);
+    const ix total = nb * g.Cx * XS;
+    for (ix idx = blockIdx.x * blockDim.x + threadIdx.x; idx < total; idx += blockDim.x * gridDim.x) {
+        ix r = idx;
+        ix i[ND];
 #pragma unroll
         for (int d = ND - 1; d >= 0; --d) { i[d] = r % g.X[d]; r /= g.X[d]; }
-        const i64 c = r % g.Cx;
-        const i64 n = r / g.Cx;
+        const ix c = r % g.Cx;
+        const ix n = r / g.Cx;
         st(gx, n0 * g.Cx * XS + idx, col2im_sum(gcols, g, g.Y, P, K, nb, n, c, i, 0));
     }
 }
@@ -186,23 +204,24 @@ extern "C" __global__ void col2im_store(const ACC* __restrict__ gcols, T* __rest
 // buf (one sample, (Cx, *X), ACC) += contributions of output rows a..a+rows, over the
 // input rows i0..i0+irows that those outputs read.
 extern "C" __global__ void col2im_add(const ACC* __restrict__ gcols, ACC* __restrict__ buf,
-                                      const i64* __restrict__ gp, i64 a, i64 rows,
-                                      i64 i0, i64 irows) {
-    const Geo g = load_geo(gp);
-    i64 Yc[ND];
-    Yc[0] = rows;
+                                      const i64* __restrict__ gp, i64 a_, i64 rows_,
+                                      i64 i0_, i64 irows_) {
+    const GeoT<ix> g = load_geo<ix>(gp);
+    const ix a = (ix)a_, i0 = (ix)i0_, irows = (ix)irows_;
+    ix Yc[ND];
+    Yc[0] = (ix)rows_;
 #pragma unroll
     for (int d = 1; d < ND; ++d) Yc[d] = g.Y[d];
-    const i64 P = prod3(Yc), K = prod3(g.K), XS = prod3(g.X);
-    const i64 total = g.Cx * irows * (XS / g.X[0]);
-    GRID_LOOP(idx, total) {
-        i64 r = idx;
-        i64 i[ND];
+    const ix P = prod3(Yc), K = prod3(g.K), XS = prod3(g.X);
+    const ix total = g.Cx * irows * (XS / g.X[0]);
+    for (ix idx = blockIdx.x * blockDim.x + threadIdx.x; idx < total; idx += blockDim.x * gridDim.x) {
+        ix r = idx;
+        ix i[ND];
 #pragma unroll
         for (int d = ND - 1; d >= 1; --d) { i[d] = r % g.X[d]; r /= g.X[d]; }
         i[0] = i0 + r % irows;
-        const i64 c = r / irows;
-        i64 off = c;
+        const ix c = r / irows;
+        ix off = c;
 #pragma unroll
         for (int d = 0; d < ND; ++d) off = off * g.X[d] + i[d];
         buf[off] += col2im_sum(gcols, g, Yc, P, K, 1, 0, c, i, a);
@@ -358,8 +377,11 @@ _TYPES = {
 }
 
 
-def source(nd, dtype_name):
-    """The CUDA source for ``nd`` spatial dims and one of float16/float32/float64."""
+def source(nd, dtype_name, index32=False):
+    """The CUDA source for ``nd`` spatial dims and one of float16/float32/float64.
+
+    ``index32``: the im2col family indexes with 32-bit ints (the caller checks that
+    every flat index of the call fits)."""
     if nd not in (1, 2, 3):
         raise ValueError(f"nd must be 1, 2 or 3, got nd={nd!r}")
     try:
@@ -367,7 +389,7 @@ def source(nd, dtype_name):
     except KeyError:
         raise ValueError(f"dtype must be float16, float32 or float64, got dtype={dtype_name!r}") from None
     return (_TEMPLATE.replace("__HALF_IO__", _HALF_IO).replace("__ND__", str(nd)).replace("__IS_HALF__", str(is_half))
-            .replace("__WG_THREADS__", str(WGRAD_THREADS))
+            .replace("__WG_THREADS__", str(WGRAD_THREADS)).replace("__IX__", "int" if index32 else "i64")
             .replace("__STORAGE__", storage).replace("__ACC__", acc))
 
 
