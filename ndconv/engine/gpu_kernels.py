@@ -154,31 +154,44 @@ extern "C" __global__ void im2col(const T* __restrict__ x, ACC* __restrict__ col
     }
 }
 
-// Sum over taps (fixed order) of the columns that x[n, c, i] fed.  i[0] is absolute.
+// Output position o (relative to the chunk's first row lo) that tap offset t = i + L - k*D
+// of one dim lands on, if any: t must be a non-negative multiple of S.
+__device__ __forceinline__ bool col_hit(ix t, ix S, ix lo, ix Y, ix& o) {
+    if (t < 0) return false;
+    o = t / S;
+    if (o * S != t) return false;
+    o -= lo;
+    return o >= 0 && o < Y;
+}
+
+// Sum over taps (flat tap order) of the columns that x[n, c, i] fed.  i[0] is absolute.
+// The loops run per dim, so an inner dim is only visited for the outer taps that hit.
 __device__ __forceinline__ ACC col2im_sum(const ACC* __restrict__ gcols, const GeoT<ix>& g,
                                           const ix* Yc, ix P, ix K, ix nb, ix n, ix c,
                                           const ix* i, ix a) {
-    ACC acc = 0;
-    ix k[ND];
-#pragma unroll
-    for (int d = 0; d < ND; ++d) k[d] = 0;
     const ACC* base = gcols + ((i64)c * K * nb + n) * P;
-    const ix tap_stride = nb * P;
-    for (ix tap = 0; tap < K; ++tap) {
-        bool ok = true;
-        ix p = 0;
-#pragma unroll
-        for (int d = 0; d < ND; ++d) {
-            const ix t = i[d] + g.L[d] - k[d] * g.D[d];
-            ix o = t >= 0 ? t / g.S[d] : -1;
-            bool hit = t >= 0 && o * g.S[d] == t;
-            if (d == 0) o -= a;
-            hit = hit && o >= 0 && o < Yc[d];
-            ok = ok && hit;
-            p = p * Yc[d] + o;
+    const i64 ts = (i64)nb * P;          // between consecutive taps
+    ACC acc = 0;
+    ix o0;
+    for (ix k0 = 0; k0 < g.K[0]; ++k0) {
+        if (!col_hit(i[0] + g.L[0] - k0 * g.D[0], g.S[0], a, Yc[0], o0)) continue;
+#if ND == 1
+        acc += base[k0 * ts + o0];
+#else
+        ix o1;
+        for (ix k1 = 0; k1 < g.K[1]; ++k1) {
+            if (!col_hit(i[1] + g.L[1] - k1 * g.D[1], g.S[1], 0, Yc[1], o1)) continue;
+#if ND == 2
+            acc += base[(k0 * g.K[1] + k1) * ts + o0 * Yc[1] + o1];
+#else
+            ix o2;
+            for (ix k2 = 0; k2 < g.K[2]; ++k2) {
+                if (!col_hit(i[2] + g.L[2] - k2 * g.D[2], g.S[2], 0, Yc[2], o2)) continue;
+                acc += base[((k0 * g.K[1] + k1) * g.K[2] + k2) * ts + (o0 * Yc[1] + o1) * Yc[2] + o2];
+            }
+#endif
         }
-        if (ok) acc += base[(i64)tap * tap_stride + p];
-        next_tap(k, g);
+#endif
     }
     return acc;
 }
