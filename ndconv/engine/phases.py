@@ -168,8 +168,12 @@ def space_to_depth(xp, x, g, dt):
     """x (nb, Cx, *X) -> its padded phases (nb, G*S*Cx/G, *M), channels (G, S, Cx/G)."""
     nb = x.shape[0]
     grid = geometry(g).x_size
-    padded = xp.zeros((nb, g.x_channels) + tuple(s * m for s, m in zip(g.stride, grid)), dtype=dt)
-    copy_unpadded(x, padded, g.pad_lo, 0)
+    size = tuple(s * m for s, m in zip(g.stride, grid))
+    if not any(g.pad_lo) and tuple(x.shape[2:]) == size:
+        padded = x.astype(dt, copy=False)        # nothing to pad or cut (e.g. k = s): x itself
+    else:
+        padded = xp.zeros((nb, g.x_channels) + size, dtype=dt)
+        copy_unpadded(x, padded, g.pad_lo, 0)
     cg = g.x_channels // g.groups
     split = (nb, g.groups, cg) + tuple(v for m, s in zip(grid, g.stride) for v in (m, s))
     order = (0, 1) + tuple(4 + 2 * i for i in range(g.nd)) + (2,) + tuple(3 + 2 * i for i in range(g.nd))
