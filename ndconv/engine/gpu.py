@@ -110,6 +110,38 @@ def _launch(kernel, total, args, threads=_THREADS):
     kernel((blocks,), (threads,), args)
 
 
+def phase_shuffle(src, groups, stride, grid, to_phases):
+    """phases.space_to_depth / depth_to_space's rearrangement in one kernel, or None.
+
+    ``to_phases``: ``src`` is (nb, C, *(grid*stride)) and the result (nb, G*S*C/G,
+    *grid), channels (G, phase, C/G); else the way back.  None where 32-bit indices
+    do not reach (the caller then uses the array-module route).
+    """
+    nb, nd = src.shape[0], len(stride)
+    channels = src.shape[1]
+    if src.size >= 2 ** 31 or not src.flags.c_contiguous or src.dtype.itemsize not in (2, 4, 8):
+        return None
+    pad = 3 - nd
+    m = (1,) * pad + tuple(grid)
+    s = (1,) * pad + tuple(stride)
+    cg = channels // groups if to_phases else channels // (groups * math.prod(stride))
+    key = (cp.cuda.runtime.getDevice(), "phase_shuffle", src.dtype.itemsize)
+    fn = _modules.get(key)
+    if fn is None:
+        fn = _modules[key] = cp.RawModule(code=gpu_kernels.shuffle_source(src.dtype.itemsize)).get_function(
+            "phase_shuffle")
+    if to_phases:
+        out = cp.empty((nb, channels * math.prod(stride)) + tuple(grid), dtype=src.dtype)
+    else:
+        out = cp.empty((nb, groups * cg) + tuple(a * b for a, b in zip(grid, stride)), dtype=src.dtype)
+    rows = nb * groups * cg * m[0] * s[0] * m[1] * s[1]
+    block = (32, 8)
+    grid_dims = (min(-(-m[2] // 32), 1024), min(-(-rows // (8 * gpu_kernels.SHUFFLE_ROWS_PER_THREAD)), 65535))
+    ints = [np.int32(v) for v in (1 if to_phases else 0, nb * groups, cg, *m, *s)]
+    fn(grid_dims, block, (src, out, *ints))
+    return out
+
+
 def _i64(v):
     return np.int64(v)
 

@@ -79,6 +79,7 @@ def geometry(g, transposed=False):
 
 
 @functools.lru_cache(maxsize=256)
+@functools.lru_cache(maxsize=512)
 def _tap_index(kernel, dilation, stride, transposed):
     """For each (phase r, phase tap j) in C order, the real tap it holds, or K (none).
 
@@ -111,8 +112,23 @@ def _on(xp, index):
     return found[1]
 
 
-def _index(xp, g, transposed):
-    return _on(xp, _tap_index(g.kernel, g.dilation, g.stride, transposed))
+def _phase_taps(xp, w, lead, g, dt, transposed):
+    """w (*lead, *kernel) -> (*lead, S*Q): each (phase, phase tap)'s real tap, zero where
+    a phase lacks that tap (then w gets one zero tap appended to gather from)."""
+    index = _tap_index(g.kernel, g.dilation, g.stride, transposed)
+    wk = xp.asarray(w, dtype=dt).reshape(lead + (-1,))
+    if _identity(g.kernel, g.dilation, g.stride, transposed):    # k = s: phase r holds tap r
+        return wk
+    if index.max() == wk.shape[-1]:
+        wk = xp.concatenate([wk, xp.zeros(lead + (1,), dtype=dt)], axis=-1)
+    return wk[..., _on(xp, index).reshape(-1)]
+
+
+@functools.lru_cache(maxsize=512)
+def _identity(kernel, dilation, stride, transposed):
+    """True when the phase form's taps are the real taps in their own order."""
+    index = _tap_index(kernel, dilation, stride, transposed).reshape(-1)
+    return index.size == math.prod(kernel) and bool(np.array_equal(index, np.arange(index.size)))
 
 
 @functools.lru_cache(maxsize=256)
@@ -124,19 +140,12 @@ def _gather_order(kernel, dilation, stride):
     return order
 
 
-def _with_zero_tap(xp, w, lead, dt):
-    """w as (*lead, K + 1): the taps flattened plus one zero tap for "no tap here"."""
-    wk = xp.asarray(w, dtype=dt).reshape(lead + (-1,))
-    return xp.concatenate([wk, xp.zeros(lead + (1,), dtype=dt)], axis=-1)
-
-
 def weight(xp, w, g, dt):
     """Kernel of the phase-form convolution: (Cy, G-block of (S, Cx/G), *Q)."""
     cg = g.x_channels // g.groups
     _, _, extent = taps(g)
-    index = _index(xp, g, False)
     # ws[cy, c, r, q] = w[cy, c, k(r, q)], then channels ordered (r, c) within the group
-    ws = _with_zero_tap(xp, w, (g.y_channels, cg), dt)[..., index.reshape(-1)]
+    ws = _phase_taps(xp, w, (g.y_channels, cg), g, dt, False)
     ws = ws.reshape((g.y_channels, cg, math.prod(g.stride)) + extent).swapaxes(1, 2)
     return xp.ascontiguousarray(ws).reshape(geometry(g).w_shape)
 
@@ -145,10 +154,9 @@ def weight_transposed(xp, w, g, dt):
     """Kernel of the transposed phase form: (G*S*Cx/G, Cy/G, *Q), output channels (G, S, c)."""
     yg, cg = g.y_channels // g.groups, g.x_channels // g.groups
     _, _, extent = taps(g)
-    index = _index(xp, g, True)
     s = math.prod(g.stride)
     # wp[g, o, c, r, j] = w[(g, o), c, k(r, j)]  ->  (g, r, c, o, j)
-    wp = _with_zero_tap(xp, w, (g.groups, yg, cg), dt)[..., index.reshape(-1)]
+    wp = _phase_taps(xp, w, (g.groups, yg, cg), g, dt, True)
     wp = wp.reshape((g.groups, yg, cg, s) + extent).transpose((0, 3, 2, 1) + tuple(range(4, 4 + g.nd)))
     return xp.ascontiguousarray(wp).reshape(geometry(g, transposed=True).w_shape)
 
@@ -164,6 +172,14 @@ def weight_gather(xp, gw, g):
     return xp.ascontiguousarray(v[..., order]).reshape(g.w_shape)
 
 
+def _gpu_shuffle(xp, a, g, grid, to_phases):
+    """The GPU engine's one-kernel phase shuffle, for CuPy arrays (None elsewhere)."""
+    if getattr(xp, "__name__", "") != "cupy":
+        return None
+    from .gpu import phase_shuffle
+    return phase_shuffle(xp.ascontiguousarray(a), g.groups, g.stride, tuple(grid), to_phases)
+
+
 def space_to_depth(xp, x, g, dt):
     """x (nb, Cx, *X) -> its padded phases (nb, G*S*Cx/G, *M), channels (G, S, Cx/G)."""
     nb = x.shape[0]
@@ -174,6 +190,9 @@ def space_to_depth(xp, x, g, dt):
     else:
         padded = xp.zeros((nb, g.x_channels) + size, dtype=dt)
         copy_unpadded(x, padded, g.pad_lo, 0)
+    fast = _gpu_shuffle(xp, padded, g, grid, True)
+    if fast is not None:
+        return fast
     cg = g.x_channels // g.groups
     split = (nb, g.groups, cg) + tuple(v for m, s in zip(grid, g.stride) for v in (m, s))
     order = (0, 1) + tuple(4 + 2 * i for i in range(g.nd)) + (2,) + tuple(3 + 2 * i for i in range(g.nd))
@@ -185,6 +204,9 @@ def depth_to_space(xp, ph, g):
     """Phase outputs (nb, G*S*Cx/G, *M) -> x's gradient (nb, Cx, *X), padding dropped."""
     nb, cg, nd = ph.shape[0], g.x_channels // g.groups, g.nd
     grid = ph.shape[2:]
+    fast = _gpu_shuffle(xp, ph, g, grid, False)
+    if fast is not None:
+        return crop(xp, fast, g, ph.dtype)
     v = ph.reshape((nb, g.groups) + g.stride + (cg,) + tuple(grid))
     # n, g, r_0.., c, m_0..  ->  n, g, c, (m_0, r_0), (m_1, r_1), ..
     order = (0, 1, 2 + nd) + tuple(a for i in range(nd) for a in (3 + nd + i, 2 + i))
