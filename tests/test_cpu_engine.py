@@ -102,10 +102,11 @@ def test_autotune_times_on_first_call_and_the_cache_file_serves_a_fresh_engine(t
     e = CPUEngine()
     e.tuner, e.autotune = tuner, True
     y = e.forward(x, w, g)
-    assert tuner.timings_run == 3            # flat_cf, flat and im2col were each timed, once
+    n = tuner.timings_run                    # flat_cf, flat and im2col, and close calls again
+    assert 3 <= n <= 3 + 2 * 3
     chosen = e.choose("forward", g, np.float64)
     e.forward(x, w, g)
-    assert tuner.timings_run == 3            # and never again
+    assert tuner.timings_run == n            # and never again
     fresh = CPUEngine()                      # autotune off: the file's choice still wins
     fresh.tuner = Autotuner(path=tmp_path / "autotune.json", repeat=1)
     assert fresh.choose("forward", g, np.float64) == chosen
