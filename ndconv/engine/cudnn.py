@@ -316,6 +316,21 @@ _RUN = {"forward": "cudnnConvolutionForward",
         "backward_weight": "cudnnConvolutionBackwardFilter"}
 
 
+def callable_by_cudnn(op, g, dtype):
+    """What both cuDNN algorithms need, padding aside: a primitive, 1-3 spatial dims, a
+    dtype cuDNN has, zero padding, int32 sizes, no empty tensor, and the library."""
+    if op not in OPS or g.nd not in (1, 2, 3) or np.dtype(dtype).name not in _DATA:
+        return False
+    if g.padding_mode != "zeros":
+        return False
+    # The legacy API takes int dims and strides: keep every tensor below 2^31 elements.
+    if any(math.prod(s) > _INT_MAX for s in (g.x_shape, g.y_shape, g.w_shape)):
+        return False
+    if 0 in g.x_shape or 0 in g.y_shape or 0 in g.w_shape:
+        return False
+    return available()
+
+
 class Cudnn(Algorithm):
     """cuDNN's convolution kernels (deterministic ones only while the engine is)."""
 
@@ -326,17 +341,7 @@ class Cudnn(Algorithm):
         self._plans = {}
 
     def supports(self, op, g, dtype):
-        dtype = np.dtype(dtype)
-        if op not in OPS or g.nd not in (1, 2, 3) or dtype.name not in _DATA:
-            return False
-        if g.padding_mode != "zeros" or symmetric_padding(g) is None:
-            return False
-        # The legacy API takes int dims and strides: keep every tensor below 2^31 elements.
-        if any(math.prod(s) > _INT_MAX for s in (g.x_shape, g.y_shape, g.w_shape)):
-            return False
-        if 0 in g.x_shape or 0 in g.y_shape or 0 in g.w_shape:
-            return False
-        return available()
+        return callable_by_cudnn(op, g, dtype) and symmetric_padding(g) is not None
 
     # ------------------------------------------------------------------ run
 

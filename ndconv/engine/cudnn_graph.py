@@ -18,12 +18,11 @@ padding after than before go to other algorithms (see :func:`graph_padding`).
 from __future__ import annotations
 
 import ctypes
-import math
 
 import numpy as np
 
 from . import cudnn
-from .registry import OPS, Algorithm, NotApplicable
+from .registry import Algorithm, NotApplicable
 
 # cudnnBackendDescriptorType_t
 _ENGINE, _ENGINECFG, _ENGINEHEUR, _EXECUTION_PLAN, _KNOB_CHOICE = 2, 3, 4, 5, 7
@@ -273,16 +272,7 @@ class CudnnGraph(Algorithm):
         self._chosen = {}
 
     def supports(self, op, g, dtype):
-        dtype = np.dtype(dtype)
-        if op not in OPS or g.nd not in (1, 2, 3) or dtype.name not in cudnn._DATA:
-            return False
-        if g.padding_mode != "zeros" or graph_padding(g) is None:
-            return False
-        if any(math.prod(s) > cudnn._INT_MAX for s in (g.x_shape, g.y_shape, g.w_shape)):
-            return False
-        if 0 in g.x_shape or 0 in g.y_shape or 0 in g.w_shape:
-            return False
-        return cudnn.available()
+        return cudnn.callable_by_cudnn(op, g, dtype) and graph_padding(g) is not None
 
     def run(self, engine, op, a, b, g):
         import cupy as cp
