@@ -154,15 +154,31 @@ extern "C" __global__ void im2col(const T* __restrict__ x, ACC* __restrict__ col
     }
 }
 
-// Output position o (relative to the chunk's first row lo) that tap offset t = i + L - k*D
-// of one dim lands on, if any: t must be a non-negative multiple of S.
-__device__ __forceinline__ bool col_hit(ix t, ix S, ix lo, ix Y, ix& o) {
-    if (t < 0) return false;
-    o = t / S;
-    if (o * S != t) return false;
-    o -= lo;
-    return o >= 0 && o < Y;
-}
+// The taps k of one dim (in increasing order) that input position t = i + L reaches an
+// output through: t - k*D a multiple of S, output o = (t - k*D)/S - lo in [0, Y).  With
+// D == 1 they are every S-th tap from t mod S, found without a division per tap
+// (3x faster col2im on an H200 than testing every tap).
+struct DimHits {
+    ix t, K, S, D, lo, Y, k, q;
+    __device__ __forceinline__ DimHits(ix t_, ix K_, ix S_, ix D_, ix lo_, ix Y_)
+        : t(t_), K(K_), S(S_), D(D_), lo(lo_), Y(Y_), k(0), q(0) {
+        if (D == 1 && t >= 0) { q = t / S; k = t - q * S; }
+    }
+    __device__ __forceinline__ bool next(ix& kk, ix& o) {
+        while (k < K) {
+            const ix tk = t - k * D;
+            if (tk < 0) return false;
+            ix ok;
+            kk = k;
+            if (D == 1) { ok = q; q -= 1; k += S; }
+            else { ok = tk / S; k += 1; if (ok * S != tk) continue; }
+            ok -= lo;
+            if (ok < 0) return false;      // o only falls as k grows
+            if (ok < Y) { o = ok; return true; }
+        }
+        return false;
+    }
+};
 
 // Sum over taps (flat tap order) of the columns that x[n, c, i] fed.  i[0] is absolute.
 // The loops run per dim, so an inner dim is only visited for the outer taps that hit.
@@ -172,23 +188,22 @@ __device__ __forceinline__ ACC col2im_sum(const ACC* __restrict__ gcols, const G
     const ACC* base = gcols + ((i64)c * K * nb + n) * P;
     const i64 ts = (i64)nb * P;          // between consecutive taps
     ACC acc = 0;
-    ix o0;
-    for (ix k0 = 0; k0 < g.K[0]; ++k0) {
-        if (!col_hit(i[0] + g.L[0] - k0 * g.D[0], g.S[0], a, Yc[0], o0)) continue;
+    DimHits h0(i[0] + g.L[0], g.K[0], g.S[0], g.D[0], a, Yc[0]);
+    ix k0, o0;
+    while (h0.next(k0, o0)) {
 #if ND == 1
         acc += base[k0 * ts + o0];
 #else
-        ix o1;
-        for (ix k1 = 0; k1 < g.K[1]; ++k1) {
-            if (!col_hit(i[1] + g.L[1] - k1 * g.D[1], g.S[1], 0, Yc[1], o1)) continue;
+        DimHits h1(i[1] + g.L[1], g.K[1], g.S[1], g.D[1], 0, Yc[1]);
+        ix k1, o1;
+        while (h1.next(k1, o1)) {
 #if ND == 2
             acc += base[(k0 * g.K[1] + k1) * ts + o0 * Yc[1] + o1];
 #else
-            ix o2;
-            for (ix k2 = 0; k2 < g.K[2]; ++k2) {
-                if (!col_hit(i[2] + g.L[2] - k2 * g.D[2], g.S[2], 0, Yc[2], o2)) continue;
+            DimHits h2(i[2] + g.L[2], g.K[2], g.S[2], g.D[2], 0, Yc[2]);
+            ix k2, o2;
+            while (h2.next(k2, o2))
                 acc += base[((k0 * g.K[1] + k1) * g.K[2] + k2) * ts + (o0 * Yc[1] + o1) * Yc[2] + o2];
-            }
 #endif
         }
 #endif
