@@ -35,6 +35,7 @@ import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
 from . import autotune
+from . import cpu_col2im
 from . import cpu_depthwise as dw
 from . import cpu_grouped as gr
 from . import phases
@@ -555,6 +556,15 @@ class CPUEngine:
         out = (b - a,) + g.y_size[1:]
         buf = np.zeros((nb, g.x_channels, rows) + need[1:], dtype=gx.dtype)
         self._note(buf, gcols)
+        if cpu_col2im.AVAILABLE:
+            pad = (1,) * (3 - g.nd)
+            # (nb, G, Cx/G*K, P) -> (nb*Cx, K, *out), buf -> (nb*Cx, *rows): 3 spatial dims
+            cols = np.ascontiguousarray(gcols).reshape((nb * g.x_channels, g.taps) + pad + out)
+            cpu_col2im.scatter_add(cols, buf.reshape((nb * g.x_channels,) + pad + buf.shape[2:]),
+                                   *dw.pad3(g.kernel, g.nd, 1), *dw.pad3(g.stride, g.nd, 1),
+                                   *dw.pad3(g.dilation, g.nd, 1))
+            phases.add_unpadded(buf, gx, g, n0, n1, a * g.stride[0])
+            return
         grouped = buf.reshape((nb, g.groups, cg, rows) + need[1:])
         taps = gcols.reshape((nb, g.groups, cg) + g.kernel + out)
         for tap in np.ndindex(*g.kernel):
