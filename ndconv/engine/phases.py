@@ -79,7 +79,6 @@ def geometry(g, transposed=False):
 
 
 @functools.lru_cache(maxsize=256)
-@functools.lru_cache(maxsize=512)
 def _tap_index(kernel, dilation, stride, transposed):
     """For each (phase r, phase tap j) in C order, the real tap it holds, or K (none).
 
@@ -115,10 +114,10 @@ def _on(xp, index):
 def _phase_taps(xp, w, lead, g, dt, transposed):
     """w (*lead, *kernel) -> (*lead, S*Q): each (phase, phase tap)'s real tap, zero where
     a phase lacks that tap (then w gets one zero tap appended to gather from)."""
-    index = _tap_index(g.kernel, g.dilation, g.stride, transposed)
     wk = xp.asarray(w, dtype=dt).reshape(lead + (-1,))
     if _identity(g.kernel, g.dilation, g.stride, transposed):    # k = s: phase r holds tap r
         return wk
+    index = _tap_index(g.kernel, g.dilation, g.stride, transposed)
     if index.max() == wk.shape[-1]:
         wk = xp.concatenate([wk, xp.zeros(lead + (1,), dtype=dt)], axis=-1)
     return wk[..., _on(xp, index).reshape(-1)]
