@@ -125,8 +125,9 @@ if AVAILABLE:
             for i1 in range(min(src.shape[1], p1_ - lo1)):
                 base = ((i0 + lo0) * p1_ + i1 + lo1) * p2_ + lo2
                 row = src[i0, i1]
+                seg = plane[base:base + n2]     # a slice: plane[base + j] would not vectorise
                 for j in range(n2):
-                    plane[base + j] = row[j]
+                    seg[j] = row[j]
 
     @njit(fastmath=True, cache=True)
     def _three(plane, offsets, t, length):
@@ -136,10 +137,20 @@ if AVAILABLE:
 
     @njit(fastmath=True, cache=True)
     def _taps(plane, wk, offsets, acc, length):
-        # acc[p] += sum_t wk[t] * plane[p + offsets[t]], six (then three) taps per pass over acc
-        # (the loop is bound by loads and stores, not by multiply-adds)
+        # acc[p] += sum_t wk[t] * plane[p + offsets[t]], nine (then six, three) taps per pass
+        # over acc (the loop is bound by loads and stores, not by multiply-adds)
         k = offsets.shape[0]
         t = 0
+        while t + 9 <= k:
+            w0, w1, w2, w3, w4, w5 = wk[t], wk[t + 1], wk[t + 2], wk[t + 3], wk[t + 4], wk[t + 5]
+            w6, w7, w8 = wk[t + 6], wk[t + 7], wk[t + 8]
+            s0, s1, s2 = _three(plane, offsets, t, length)
+            s3, s4, s5 = _three(plane, offsets, t + 3, length)
+            s6, s7, s8 = _three(plane, offsets, t + 6, length)
+            for p in range(length):
+                acc[p] += (((w0 * s0[p] + w1 * s1[p] + w2 * s2[p]) + (w3 * s3[p] + w4 * s4[p] + w5 * s5[p]))
+                           + (w6 * s6[p] + w7 * s7[p] + w8 * s8[p]))
+            t += 9
         while t + 6 <= k:
             w0, w1, w2, w3, w4, w5 = wk[t], wk[t + 1], wk[t + 2], wk[t + 3], wk[t + 4], wk[t + 5]
             s0, s1, s2 = _three(plane, offsets, t, length)
@@ -178,8 +189,9 @@ if AVAILABLE:
             for o1 in range(src.shape[1]):
                 base = o0 * pitch0 + o1 * pitch1
                 row = src[o0, o1]
+                seg = flat[base:base + src.shape[2]]
                 for o2 in range(src.shape[2]):
-                    flat[base + o2] = row[o2]
+                    seg[o2] = row[o2]
 
     @njit(fastmath=True, cache=True)
     def _dots(plane, g, offsets, out, length):
