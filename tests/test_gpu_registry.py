@@ -93,3 +93,49 @@ def test_cudnn_graph_padding_rule_and_alignment():
     assert cudnn_graph._alignment(256, 512, 1024) == 16
     assert cudnn_graph._alignment(256, 516, 1024) == 4
     assert cudnn_graph._alignment(258, 512) == 2
+
+
+@pytest.mark.parametrize("x_shape,w_shape,stride", [
+    ((2, 4, 3, 5), (4, 3, 2, 2), 2),
+    ((2, 5, 3, 2, 4), (5, 3, 2, 3, 2), (2, 3, 2)),
+    ((3, 6, 7), (6, 2, 4), 4),
+    ((1, 3, 4, 2), (3, 2, 3, 1), (3, 1)),
+])
+def test_ks_gemm_offset_tables_reproduce_the_convolution(x_shape, w_shape, stride):
+    """The tables the ks_gemm kernel indexes by, used here in NumPy: the scattered GEMM is
+    the transposed convolution and the gathered GEMM is the convolution."""
+    from ndconv.engine import gpu_ks_gemm
+    from ndconv.engine.cpu import CPUEngine
+    from ndconv.geometry import conv_transpose_geometry
+    g = conv_transpose_geometry(x_shape, w_shape, None, stride, 0)[0]
+    assert gpu_ks_gemm.applies(g)
+    taps, cols = gpu_ks_gemm.offset_tables(g)
+    assert taps.dtype == cols.dtype == np.int32
+    rng = np.random.default_rng(0)
+    x, w, gy = (rng.standard_normal(s) for s in (g.x_shape, g.w_shape, g.y_shape))
+    where = (taps[:, None] + cols[None, :]).reshape(-1)
+    assert np.array_equal(np.sort(where), np.arange(g.x_channels * np.prod(g.x_size)))   # every position once
+    a = w.reshape(g.y_channels, -1)                                   # (K, M) for the input gradient
+    gx = np.zeros((g.batch, where.size))
+    for n in range(g.batch):
+        gx[n, where] = (a.T @ gy[n].reshape(g.y_channels, -1)).reshape(-1)
+    cpu = CPUEngine()
+    np.testing.assert_allclose(gx.reshape(g.x_shape), cpu.backward_input(gy, w, g), rtol=1e-12, atol=1e-12)
+    y = np.einsum("mk,nkj->nmj", a, x.reshape(g.batch, -1)[:, taps[:, None] + cols[None, :]])
+    np.testing.assert_allclose(y.reshape(g.y_shape), cpu.forward(x, w, g), rtol=1e-12, atol=1e-12)
+
+
+def test_ks_gemm_applies_only_where_every_position_is_one_tap():
+    from ndconv.engine.gpu_ks_gemm import applies
+    from ndconv.geometry import conv_transpose_geometry
+
+    def t(x, w, stride, padding=0, output_padding=0, groups=1, dilation=1):
+        return conv_transpose_geometry(x, w, None, stride, padding, output_padding, groups, dilation)[0]
+
+    assert applies(t((2, 8, 5, 5), (8, 4, 2, 2), 2))
+    assert not applies(t((2, 8, 5, 5), (8, 4, 4, 4), 2, 1))             # k != s
+    assert not applies(t((2, 8, 5, 5), (8, 4, 2, 2), 2, 1))             # padding crops
+    assert not applies(t((2, 8, 5, 5), (8, 4, 2, 2), 2, 0, 1))          # output_padding adds positions
+    assert not applies(t((2, 8, 5, 5), (8, 2, 2, 2), 2, groups=2))      # groups
+    assert not applies(t((2, 8, 5, 5), (8, 4, 1, 1), 1))                # a 1x1 call: plain GEMM paths
+    assert not applies(conv_geometry((2, 4, 7, 7), (8, 4, 2, 2), stride=2)[0])   # x longer than s*y

@@ -14,6 +14,11 @@ the engine, which picks (or tunes) the algorithm for it like for any other call.
     to 3-D.  Forward and input gradient are gathers (one thread per output
     element); the weight gradient is a two-stage reduction: per-block partial sums
     to a buffer, then a fixed-order final sum.
+``ks_gemm``
+    Kernel = stride calls (no padding, one group), forward and input gradient, as
+    one GEMM kernel that gathers its input from, or scatters its result to, the
+    strided positions (:mod:`.gpu_ks_gemm`): the phase shuffle costs no extra pass.
+    The untuned choice for such transposed convolutions.
 ``phases``
     Strided calls as stride-1 calls over the input's phases (:mod:`.phases`); the
     untuned choice for strided transposed convolutions whose kernel is a multiple
@@ -52,6 +57,7 @@ from .cudnn import version as cudnn_version
 from .gpu_depthwise import DepthwiseTiled
 from .gpu_plane import Plane
 from .gpu_flat import FlatGemm
+from .gpu_ks_gemm import KsGemm
 from .registry import FLOATS as _FLOATS
 from .registry import OPS, Algorithm, NotApplicable, Registry, check_op
 
@@ -345,6 +351,7 @@ def pointwise(g):
 ALGORITHMS = Registry()
 ALGORITHMS.register(Cudnn())
 ALGORITHMS.register(CudnnGraph())
+ALGORITHMS.register(KsGemm())
 ALGORITHMS.register(phases.Phases())
 ALGORITHMS.register(phases.SpaceToBatch())
 ALGORITHMS.register(FlatGemm())
