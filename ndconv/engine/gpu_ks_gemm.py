@@ -15,8 +15,13 @@ sample over (channel, tap) pairs:
 positions directly through two offset tables: ``taps[(c, t)] = c*plane + sum_d t_d *
 pitch_d`` and ``cols[i] = sum_d s_d * i_d * pitch_d``, so the shuffle costs no pass over
 memory and no temporary.  The GEMM is the classic shared-memory tiling: a 128 x 128
-block tile, 8-deep k steps double-buffered, 8 x 8 results per thread; a thread's
-columns are 16 apart so that a warp's stores cover consecutive positions.
+block tile, 16-deep k steps double-buffered, 8 x 8 results per thread, two blocks per
+SM.  For the scattered form a thread's columns are 16 apart, so that a warp's stores
+cover consecutive positions; the dense form reads 4-column fragments as float4.
+Measured on an H200 with ``scripts/ks_sweep.py`` (``t2d_unet_k2s2``/``t3d_unet_k2s2``,
+8.6 GFLOP each): input gradient 0.27 ms (cuDNN 0.45-1.2 ms, ``phases`` 0.42 ms);
+forward 0.26-0.28 ms.  8-deep k steps were 6% slower, one block per SM 20% slower,
+pairing the two taps of a k = 2 dim into 8-byte stores no faster.
 
 float32 only (float16 goes to cuDNN's tensor cores; float64 is not a speed path).
 Flat offsets within one sample are 32-bit; samples are offset in 64 bits.
@@ -30,17 +35,17 @@ import numpy as np
 from .registry import Algorithm
 
 BM = BN = 128
-BK = 8
+BK = 16
 THREADS = 256
 
 _SOURCE = r"""
 #define BM 128
 #define BN 128
-#define BK 8
+#define LOADS (BK / 2)
 
 // C (M x N) = A^T B, A stored (K, M), B (K, N) per sample.  GATHER_B: B[k][n] is
 // b[koff[k] + noff[n]].  SCATTER_C: C[m][n] goes to c[moff[m] + noff[n]].
-extern "C" __global__ void __launch_bounds__(256, 2)
+extern "C" __global__ void __launch_bounds__(256, MIN_BLOCKS)
 ks_gemm(const float* __restrict__ a, const float* __restrict__ b, float* __restrict__ c,
         const int* __restrict__ koff, const int* __restrict__ moff, const int* __restrict__ noff,
         int M, int N, int K, long long b_sample, long long c_sample)
@@ -53,7 +58,7 @@ ks_gemm(const float* __restrict__ a, const float* __restrict__ b, float* __restr
     b += (long long)blockIdx.z * b_sample;
     c += (long long)blockIdx.z * c_sample;
 
-    // Tile loads: element tid + 256 r (r < 4) of a BK x 128 tile is row lrow + 2 r,
+    // Tile loads: element tid + 256 r (r < BK/2) of a BK x 128 tile is row lrow + 2 r,
     // column lcol, so each warp reads 32 consecutive floats of a row.
     const int lcol = tid & 127, lrow = tid >> 7;
     const bool a_in = m0 + lcol < M;
@@ -61,10 +66,10 @@ ks_gemm(const float* __restrict__ a, const float* __restrict__ b, float* __restr
 #if GATHER_B
     const int b_col = b_in ? noff[n0 + lcol] : 0;
 #endif
-    float ra[4], rb[4];
+    float ra[LOADS], rb[LOADS];
 
 #define LOAD_TILE(k0)                                                              \
-    _Pragma("unroll") for (int r = 0; r < 4; ++r) {                                \
+    _Pragma("unroll") for (int r = 0; r < LOADS; ++r) {                            \
         const int k = (k0) + lrow + 2 * r;                                         \
         ra[r] = (a_in && k < K) ? a[(long long)k * M + m0 + lcol] : 0.f;           \
         rb[r] = (b_in && k < K) ? B_AT(k) : 0.f;                                   \
@@ -75,7 +80,7 @@ ks_gemm(const float* __restrict__ a, const float* __restrict__ b, float* __restr
 #define B_AT(k) b[(long long)(k) * N + n0 + lcol]
 #endif
 #define STORE_TILE(buf)                                                            \
-    _Pragma("unroll") for (int r = 0; r < 4; ++r) {                                \
+    _Pragma("unroll") for (int r = 0; r < LOADS; ++r) {                            \
         As[buf][lrow + 2 * r][lcol] = ra[r];                                       \
         Bs[buf][lrow + 2 * r][lcol] = rb[r];                                       \
     }
@@ -98,9 +103,15 @@ ks_gemm(const float* __restrict__ a, const float* __restrict__ b, float* __restr
             const float4 a0 = *reinterpret_cast<const float4*>(&As[buf][kk][ty * 4]);
             const float4 a1 = *reinterpret_cast<const float4*>(&As[buf][kk][64 + ty * 4]);
             const float av[8] = {a0.x, a0.y, a0.z, a0.w, a1.x, a1.y, a1.z, a1.w};
+#if VEC_B
+            const float4 b0 = *reinterpret_cast<const float4*>(&Bs[buf][kk][tx * 4]);
+            const float4 b1 = *reinterpret_cast<const float4*>(&Bs[buf][kk][64 + tx * 4]);
+            const float bv[8] = {b0.x, b0.y, b0.z, b0.w, b1.x, b1.y, b1.z, b1.w};
+#else
             float bv[8];
             #pragma unroll
             for (int j = 0; j < 8; ++j) bv[j] = Bs[buf][kk][tx + 16 * j];
+#endif
             #pragma unroll
             for (int i = 0; i < 8; ++i)
                 #pragma unroll
@@ -115,7 +126,11 @@ ks_gemm(const float* __restrict__ a, const float* __restrict__ b, float* __restr
     int col[8];
     #pragma unroll
     for (int j = 0; j < 8; ++j) {
+#if VEC_B
+        const int n = n0 + (j < 4 ? tx * 4 + j : 64 + tx * 4 + j - 4);
+#else
         const int n = n0 + tx + 16 * j;
+#endif
 #if SCATTER_C
         col[j] = n < N ? noff[n] : -1;
 #else
@@ -139,8 +154,13 @@ ks_gemm(const float* __restrict__ a, const float* __restrict__ b, float* __restr
 """
 
 
-def source(gather_b, scatter_c):
-    return f"#define GATHER_B {int(gather_b)}\n#define SCATTER_C {int(scatter_c)}\n" + _SOURCE
+def source(gather_b, scatter_c, bk=BK, min_blocks=2, vec_b=None):
+    """The kernel for one operand form.  ``vec_b`` (default: when C is dense) gives each
+    thread 4-column fragments read as float4: faster loads, but a scattered C then
+    stores at 4x the stride."""
+    vec_b = not scatter_c if vec_b is None else vec_b
+    return (f"#define GATHER_B {int(gather_b)}\n#define SCATTER_C {int(scatter_c)}\n"
+            f"#define BK {bk}\n#define MIN_BLOCKS {min_blocks}\n#define VEC_B {int(vec_b)}\n" + _SOURCE)
 
 
 def applies(g):
