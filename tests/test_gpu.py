@@ -272,8 +272,8 @@ def test_float32_against_torch_float32(tcuda, gpu, alg):
         case = dict(kind="conv", x=(4, 8, 12, 12), w=(6, 4, 3, 2), dilation=(1, 2), padding=(2, 1), groups=2)
     if alg == "space_to_batch":
         case = dict(kind="conv", x=(4, 8, 12, 12), w=(6, 4, 3, 3), dilation=(2, 3), padding=2, groups=2)
-    if alg == "ks_gemm":
-        case = dict(kind="transposed", x=(4, 8, 6, 5), w=(8, 6, 2, 2), stride=2)
+    if alg == "implicit_gemm":
+        case = dict(kind="conv", x=(4, 8, 12, 11), w=(6, 8, 3, 3), stride=2, padding=1)
     g, x, w, b, gy = case_arrays(case, 7, "float32")
     with forced_where_supported(gpu, alg, g):
         got = run_ndconv(case, *(cp.asarray(a) for a in (x, w, b, gy)))
@@ -293,39 +293,45 @@ def forced_where_supported(gpu, alg, g):
         yield ops
 
 
-KS_CASES = [
-    dict(kind="transposed", x=(3, 8, 5, 7), w=(8, 6, 2, 2), stride=2),               # U-Net up-sampling
+IMPLICIT_CASES = [
+    dict(kind="transposed", x=(3, 8, 5, 7), w=(8, 6, 2, 2), stride=2),               # k = s: one GEMM
     dict(kind="transposed", x=(2, 130, 4, 3, 5), w=(130, 9, 2, 2, 2), stride=2),    # M, K, N off the tiles
     dict(kind="transposed", x=(2, 5, 37), w=(5, 3, 4), stride=4),
-    dict(kind="transposed", x=(2, 7, 3, 9), w=(7, 4, 3, 1), stride=(3, 1)),
     dict(kind="transposed", x=(1, 16, 40, 41), w=(16, 140, 2, 2), stride=2),         # several block tiles
-    dict(kind="conv", x=(2, 6, 10, 14), w=(9, 6, 2, 2), stride=2),                   # forward: gathered B
+    dict(kind="transposed", x=(2, 12, 6, 7), w=(12, 10, 4, 4), stride=2, padding=1),  # 4 phases of 2x2 taps
+    dict(kind="transposed", x=(2, 9, 11), w=(9, 5, 16), stride=8, padding=4),        # vocoder-like
+    dict(kind="transposed", x=(1, 6, 3, 4, 3), w=(6, 4, 3, 3, 3), stride=2, padding=1, output_padding=1),
+    dict(kind="transposed", x=(2, 4, 5, 5), w=(4, 3, 1, 1), stride=3),              # phases without taps
+    dict(kind="conv", x=(2, 6, 10, 14), w=(9, 6, 2, 2), stride=2),
+    dict(kind="conv", x=(2, 20, 15, 13), w=(33, 20, 3, 3), stride=2, padding=1),    # ResNet's down-sampling
+    dict(kind="conv", x=(2, 7, 9, 8, 10), w=(5, 7, 3, 3, 3), padding=(1, 0, 2), dilation=(2, 1, 1)),
+    dict(kind="conv", x=(3, 4, 50), w=(6, 4, 7), stride=3, padding=[(4, 1)], dilation=2),
 ]
 
 
-@pytest.mark.parametrize("case", KS_CASES, ids=lambda c: f"{c['kind']}-{c['x']}-{c['w']}")
-def test_ks_gemm_vs_torch(tcuda, gpu, case):
+@pytest.mark.parametrize("case", IMPLICIT_CASES, ids=lambda c: f"{c['kind']}-{c['x']}-{c['w']}")
+def test_implicit_gemm_vs_torch(tcuda, gpu, case):
     g, x, w, b, gy = case_arrays(case, 5, "float32")
-    with forced_where_supported(gpu, "ks_gemm", g) as ops:
+    with forced_where_supported(gpu, "implicit_gemm", g) as ops:
         assert set(ops) == {"forward", "backward_input"}
         got = run_ndconv(case, *(cp.asarray(a) for a in (x, w, b, gy)))
-        ran = {op for op, name in gpu.last_algorithm.items() if name == "ks_gemm"}
+        ran = {op for op, name in gpu.last_algorithm.items() if name == "implicit_gemm"}
         assert ran == {"forward", "backward_input"}
     ref = torch_reference(tcuda, case, x, w, b, gy, dtype="float32")
     for what, a, r in zip(("output", "grad_input", "grad_weight", "grad_bias"), got, ref):
         assert relerr(a, r) < 1e-5, (what, relerr(a, r))
 
 
-def test_ks_gemm_is_the_untuned_choice_for_k_equal_s_transposed():
+def test_implicit_gemm_is_the_untuned_choice_for_k_equal_s_transposed():
     eng = GPUEngine()
     k2s2 = conv_transpose_geometry((2, 8, 6, 6), (8, 4, 2, 2), None, 2)[0]
-    assert eng.choose("backward_input", k2s2, np.float32).name == "ks_gemm"
-    assert eng.choose("backward_input", k2s2, np.float16).name != "ks_gemm"       # float32 only
+    assert eng.choose("backward_input", k2s2, np.float32).name == "implicit_gemm"
+    assert eng.choose("backward_input", k2s2, np.float16).name != "implicit_gemm"       # float32 only
     a = cp.asarray(np.random.default_rng(1).standard_normal(k2s2.y_shape), dtype=cp.float32)
     w = cp.asarray(np.random.default_rng(2).standard_normal(k2s2.w_shape), dtype=cp.float32)
     first = eng.backward_input(a, w, k2s2)
-    assert eng.last_algorithm["backward_input"] == "ks_gemm"
-    assert bool((eng.backward_input(a, w, k2s2) == first).all())                  # deterministic
+    assert eng.last_algorithm["backward_input"] == "implicit_gemm"
+    assert bool((eng.backward_input(a, w, k2s2) == first).all())                        # deterministic
 
 
 # ====================================================================== primitives vs the CPU engine

@@ -3,8 +3,10 @@ import dataclasses
 import subprocess
 import sys
 
+import hypothesis
 import numpy as np
 import pytest
+from hypothesis import strategies as st
 
 from ndconv.engine.registry import OPS, Algorithm, Registry, check_op
 from ndconv.geometry import conv_geometry
@@ -95,47 +97,89 @@ def test_cudnn_graph_padding_rule_and_alignment():
     assert cudnn_graph._alignment(258, 512) == 2
 
 
-@pytest.mark.parametrize("x_shape,w_shape,stride", [
-    ((2, 4, 3, 5), (4, 3, 2, 2), 2),
-    ((2, 5, 3, 2, 4), (5, 3, 2, 3, 2), (2, 3, 2)),
-    ((3, 6, 7), (6, 2, 4), 4),
-    ((1, 3, 4, 2), (3, 2, 3, 1), (3, 1)),
-])
-def test_ks_gemm_offset_tables_reproduce_the_convolution(x_shape, w_shape, stride):
-    """The tables the ks_gemm kernel indexes by, used here in NumPy: the scattered GEMM is
-    the transposed convolution and the gathered GEMM is the convolution."""
-    from ndconv.engine import gpu_ks_gemm
-    from ndconv.engine.cpu import CPUEngine
+def emulate_implicit_gemm(plans, w, src, out_size):
+    """What the implicit_gemm kernel computes from its plans, in NumPy (float64)."""
+    out = np.full(out_size, np.nan)            # every position must be written
+    wf, srcf = np.asarray(w, np.float64).reshape(-1), np.asarray(src, np.float64).reshape(-1)
+    for p in plans:
+        K, M, N = p.shape
+        a = wf[p.a_index].reshape(K, M)
+        valid = np.ones((K, N), dtype=bool)
+        for d in range(3):
+            c = p.ncol[None, :, 1 + d].astype(np.int64) + p.krow[:, None, 1 + d]
+            valid &= (c >= 0) & (c < p.extents[d])
+        where = p.krow[:, None, 0].astype(np.int64) + p.ncol[None, :, 0]
+        b = np.where(valid, srcf[np.where(valid, where, 0)], 0.0)
+        dst = (p.mrow[:, None].astype(np.int64) + p.ccol[None, :]).reshape(-1)
+        assert np.all(np.isnan(out[dst])), "a position written twice"
+        out[dst] = (a.T @ b).reshape(-1)
+    return out
+
+
+_settings = hypothesis.settings(max_examples=int(__import__("os").environ.get("IMPLICIT_EXAMPLES", 60)), deadline=None)
+
+
+@st.composite
+def implicit_geometries(draw):
     from ndconv.geometry import conv_transpose_geometry
-    g = conv_transpose_geometry(x_shape, w_shape, None, stride, 0)[0]
-    assert gpu_ks_gemm.applies(g)
-    taps, cols = gpu_ks_gemm.offset_tables(g)
-    assert taps.dtype == cols.dtype == np.int32
+    nd = draw(st.integers(1, 3))
+    k = [draw(st.integers(1, 4)) for _ in range(nd)]
+    s = [draw(st.integers(1, 3)) for _ in range(nd)]
+    d = [draw(st.integers(1, 2)) for _ in range(nd)]
+    p = [draw(st.integers(0, (kk - 1) * dd)) for kk, dd in zip(k, d)]
+    cx, cy, n = draw(st.integers(1, 3)), draw(st.integers(1, 3)), draw(st.integers(1, 2))
+    if draw(st.booleans()):            # the transposed form: output_padding below the stride
+        size = [draw(st.integers(1, 4)) for _ in range(nd)]
+        op = [draw(st.integers(0, max(0, max(ss, dd) - 1))) for ss, dd in zip(s, d)]
+        op = [min(o, max(ss, dd) - 1) for o, ss, dd in zip(op, s, d)]
+        try:
+            return conv_transpose_geometry((n, cy) + tuple(size), (cy, cx) + tuple(k), None, s, p, op, 1, d)[0]
+        except ValueError:             # padding larger than the full output
+            hypothesis.reject()
+    size = [draw(st.integers(max(1, (kk - 1) * dd + 1 - 2 * pp), 9)) for kk, dd, pp in zip(k, d, p)]
+    return conv_geometry((n, cx) + tuple(size), (cy, cx) + tuple(k), stride=s, padding=p, dilation=d)[0]
+
+
+@_settings
+@hypothesis.given(implicit_geometries())
+def test_implicit_gemm_plans_are_the_convolution(g):
+    """The tables the implicit_gemm kernel indexes by, run in NumPy, give the CPU engine's
+    forward and input gradient (every position written once) on random geometries."""
+    from ndconv.engine import gpu_implicit
+    from ndconv.engine.cpu import CPUEngine
     rng = np.random.default_rng(0)
     x, w, gy = (rng.standard_normal(s) for s in (g.x_shape, g.w_shape, g.y_shape))
-    where = (taps[:, None] + cols[None, :]).reshape(-1)
-    assert np.array_equal(np.sort(where), np.arange(g.x_channels * np.prod(g.x_size)))   # every position once
-    a = w.reshape(g.y_channels, -1)                                   # (K, M) for the input gradient
-    gx = np.zeros((g.batch, where.size))
-    for n in range(g.batch):
-        gx[n, where] = (a.T @ gy[n].reshape(g.y_channels, -1)).reshape(-1)
     cpu = CPUEngine()
-    np.testing.assert_allclose(gx.reshape(g.x_shape), cpu.backward_input(gy, w, g), rtol=1e-12, atol=1e-12)
-    y = np.einsum("mk,nkj->nmj", a, x.reshape(g.batch, -1)[:, taps[:, None] + cols[None, :]])
-    np.testing.assert_allclose(y.reshape(g.y_shape), cpu.forward(x, w, g), rtol=1e-12, atol=1e-12)
+    fwd = gpu_implicit.forward_plan(g)
+    assert [p.a_form for p in fwd] == ["transposed"]
+    np.testing.assert_allclose(emulate_implicit_gemm(fwd, w, x, int(np.prod(g.y_shape))).reshape(g.y_shape),
+                               cpu.forward(x, w, g), rtol=1e-12, atol=1e-12)
+    bwd = gpu_implicit.backward_input_plan(g)
+    np.testing.assert_allclose(emulate_implicit_gemm(bwd, w, gy, int(np.prod(g.x_shape))).reshape(g.x_shape),
+                               cpu.backward_input(gy, w, g), rtol=1e-12, atol=1e-12)
+    for p in fwd + bwd:
+        assert all(t.dtype == np.int32 for t in (p.krow, p.ncol, p.mrow, p.ccol))
 
 
-def test_ks_gemm_applies_only_where_every_position_is_one_tap():
-    from ndconv.engine.gpu_ks_gemm import applies
+def test_implicit_gemm_k_equal_s_input_gradient_is_one_gemm():
+    from ndconv.engine.gpu_implicit import ImplicitGemm, backward_input_plan
     from ndconv.geometry import conv_transpose_geometry
+    k2s2 = conv_transpose_geometry((2, 8, 5, 5), (8, 4, 2, 2), None, 2)[0]
+    (plan,) = backward_input_plan(k2s2)
+    assert plan.a_form == "weight" and plan.shape == (8, 4 * 4, 2 * 25)        # K = Cy, M = Cx * taps
+    assert ImplicitGemm().preferred("backward_input", k2s2, np.float32)
+    k4s2 = conv_transpose_geometry((2, 8, 5, 5), (8, 4, 4, 4), None, 2, 1)[0]
+    assert [p.shape[0] for p in backward_input_plan(k4s2)] == [8 * 4] * 4      # 4 phases of 2x2 taps
+    assert not ImplicitGemm().preferred("backward_input", k4s2, np.float32)
+    k1s2 = conv_geometry((1, 2, 7), (3, 2, 1), stride=2)[0]                    # odd positions: no tap
+    assert [p.shape[0] for p in backward_input_plan(k1s2)] == [3, 0]
 
-    def t(x, w, stride, padding=0, output_padding=0, groups=1, dilation=1):
-        return conv_transpose_geometry(x, w, None, stride, padding, output_padding, groups, dilation)[0]
 
-    assert applies(t((2, 8, 5, 5), (8, 4, 2, 2), 2))
-    assert not applies(t((2, 8, 5, 5), (8, 4, 4, 4), 2, 1))             # k != s
-    assert not applies(t((2, 8, 5, 5), (8, 4, 2, 2), 2, 1))             # padding crops
-    assert not applies(t((2, 8, 5, 5), (8, 4, 2, 2), 2, 0, 1))          # output_padding adds positions
-    assert not applies(t((2, 8, 5, 5), (8, 2, 2, 2), 2, groups=2))      # groups
-    assert not applies(t((2, 8, 5, 5), (8, 4, 1, 1), 1))                # a 1x1 call: plain GEMM paths
-    assert not applies(conv_geometry((2, 4, 7, 7), (8, 4, 2, 2), stride=2)[0])   # x longer than s*y
+def test_implicit_gemm_supports():
+    from ndconv.engine.gpu_implicit import ImplicitGemm
+    alg = ImplicitGemm()
+    g = conv_geometry((2, 4, 9, 9), (8, 4, 3, 3), padding=1)[0]
+    assert alg.supports("forward", g, np.float32) and alg.supports("backward_input", g, np.float32)
+    assert not alg.supports("backward_weight", g, np.float32)
+    assert not alg.supports("forward", g, np.float16) and not alg.supports("forward", g, np.float64)
+    assert not alg.supports("forward", conv_geometry((2, 4, 9, 9), (8, 2, 3, 3), groups=2)[0], np.float32)

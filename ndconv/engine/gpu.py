@@ -14,11 +14,12 @@ the engine, which picks (or tunes) the algorithm for it like for any other call.
     to 3-D.  Forward and input gradient are gathers (one thread per output
     element); the weight gradient is a two-stage reduction: per-block partial sums
     to a buffer, then a fixed-order final sum.
-``ks_gemm``
-    Kernel = stride calls (no padding, one group), forward and input gradient, as
-    one GEMM kernel that gathers its input from, or scatters its result to, the
-    strided positions (:mod:`.gpu_ks_gemm`): the phase shuffle costs no extra pass.
-    The untuned choice for such transposed convolutions.
+``implicit_gemm``
+    Forward and input gradient of one-group float32 calls as a tiled GEMM kernel that
+    reads its operand straight from the input (padding by bounds checks, no im2col
+    buffer) and writes its result straight to its place (:mod:`.gpu_implicit`); the
+    input gradient runs one GEMM per stride phase.  The untuned choice for k = s
+    transposed convolutions (one GEMM, the depth-to-space folded into its stores).
 ``phases``
     Strided calls as stride-1 calls over the input's phases (:mod:`.phases`); the
     untuned choice for strided transposed convolutions whose kernel is a multiple
@@ -57,7 +58,7 @@ from .cudnn import version as cudnn_version
 from .gpu_depthwise import DepthwiseTiled
 from .gpu_plane import Plane
 from .gpu_flat import FlatGemm
-from .gpu_ks_gemm import KsGemm
+from .gpu_implicit import ImplicitGemm
 from .registry import FLOATS as _FLOATS
 from .registry import OPS, Algorithm, NotApplicable, Registry, check_op
 
@@ -351,7 +352,7 @@ def pointwise(g):
 ALGORITHMS = Registry()
 ALGORITHMS.register(Cudnn())
 ALGORITHMS.register(CudnnGraph())
-ALGORITHMS.register(KsGemm())
+ALGORITHMS.register(ImplicitGemm())
 ALGORITHMS.register(phases.Phases())
 ALGORITHMS.register(phases.SpaceToBatch())
 ALGORITHMS.register(FlatGemm())
