@@ -47,7 +47,7 @@ for label, g, op in CALLS:
     for bk, mb in itertools.product((8, 16), (1, 2)):
         alg._functions.clear()
         orig = im.source
-        im.source = lambda _o=orig, bk=bk, mb=mb: _o(bk, mb)
+        im.source = lambda dense_b, _o=orig, bk=bk, mb=mb: _o(dense_b, bk, mb)
         try:
             got = alg.run(eng, op, a, w, g)
             err = float(cp.abs(got - ref).max() / cp.abs(ref).max())

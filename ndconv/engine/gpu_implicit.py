@@ -46,19 +46,36 @@ _SOURCE = r"""
 #define BN 128
 #define LOADS (BK / 2)
 
-// C (M x N) = A^T B; A dense (K, M); B[k][n] = src[krow[k].x + ncol[n].x] where
-// 0 <= ncol[n].{y,z,w} + krow[k].{y,z,w} < E0, E1, E2, else 0; C[m][n] -> dst[mrow[m] + ccol[n]].
+__device__ __forceinline__ float b_at(const float* __restrict__ src, const int4* __restrict__ krow,
+                                     int4 nc, int k, int K, bool b_in, int E0, int E1, int E2)
+{
+    if (!b_in || k >= K) return 0.f;
+    const int4 kr = krow[k];
+    const bool inside = (unsigned)(nc.y + kr.y) < (unsigned)E0 && (unsigned)(nc.z + kr.z) < (unsigned)E1
+                        && (unsigned)(nc.w + kr.w) < (unsigned)E2;
+    return inside ? src[kr.x + nc.x] : 0.f;
+}
+
+// One launch, one GEMM per blockIdx.z (a phase): C (M x N) = A^T B, A dense (K, M);
+// B[k][n] = src[krow[k].x + ncol[n].x] where 0 <= ncol[n].{y,z,w} + krow[k].{y,z,w}
+// < E0, E1, E2, else 0 (DENSE_B: src[k * kstride + ncol[n].x], always inside);
+// C[m][n] -> dst[mrow[m] + ccol[n]].  gemms[z] = K, M, N and the offsets of the
+// phase's A, krow, ncol, mrow, ccol in the concatenated arrays.
 extern "C" __global__ void __launch_bounds__(256, MIN_BLOCKS)
 implicit_gemm(const float* __restrict__ a, const float* __restrict__ src, float* __restrict__ dst,
               const int4* __restrict__ krow, const int4* __restrict__ ncol,
-              const int* __restrict__ mrow, const int* __restrict__ ccol,
-              int M, int N, int K, int E0, int E1, int E2)
+              const int* __restrict__ mrow, const int* __restrict__ ccol, const int* __restrict__ gemms,
+              int E0, int E1, int E2, int kstride)
 {
     __shared__ __align__(16) float As[2][BK][BM];
     __shared__ __align__(16) float Bs[2][BK][BN];
+    const int* gp = gemms + 8 * blockIdx.z;
+    const int K = gp[0], M = gp[1], N = gp[2];
+    const int m0 = blockIdx.y * BM, n0 = blockIdx.x * BN;
+    if (m0 >= M || n0 >= N) return;
+    a += gp[3]; krow += gp[4]; ncol += gp[5]; mrow += gp[6]; ccol += gp[7];
     const int tid = threadIdx.x;
     const int tx = tid & 15, ty = tid >> 4;
-    const int m0 = blockIdx.y * BM, n0 = blockIdx.x * BN;
 
     // Tile loads: element tid + 256 r (r < BK/2) of a BK x 128 tile is row lrow + 2 r,
     // column lcol, so each warp reads 32 consecutive columns of one row.
@@ -68,18 +85,16 @@ implicit_gemm(const float* __restrict__ a, const float* __restrict__ src, float*
     const int4 nc = b_in ? ncol[n0 + lcol] : make_int4(0, 0, 0, 0);
     float ra[LOADS], rb[LOADS];
 
+#if DENSE_B
+#define B_AT(k) ((b_in && (k) < K) ? src[(k) * kstride + nc.x] : 0.f)
+#else
+#define B_AT(k) b_at(src, krow, nc, k, K, b_in, E0, E1, E2)
+#endif
 #define LOAD_TILE(k0)                                                                     \
     _Pragma("unroll") for (int r = 0; r < LOADS; ++r) {                                   \
         const int k = (k0) + lrow + 2 * r;                                                \
         ra[r] = (a_in && k < K) ? a[(long long)k * M + m0 + lcol] : 0.f;                  \
-        float v = 0.f;                                                                    \
-        if (b_in && k < K) {                                                              \
-            const int4 kr = krow[k];                                                      \
-            if ((unsigned)(nc.y + kr.y) < (unsigned)E0 && (unsigned)(nc.z + kr.z) < (unsigned)E1 \
-                && (unsigned)(nc.w + kr.w) < (unsigned)E2)                                \
-                v = src[kr.x + nc.x];                                                     \
-        }                                                                                 \
-        rb[r] = v;                                                                        \
+        rb[r] = B_AT(k);                                                                  \
     }
 #define STORE_TILE(buf)                                                                   \
     _Pragma("unroll") for (int r = 0; r < LOADS; ++r) {                                   \
@@ -138,8 +153,8 @@ implicit_gemm(const float* __restrict__ a, const float* __restrict__ src, float*
 """
 
 
-def source(bk=BK, min_blocks=2):
-    return f"#define BK {bk}\n#define MIN_BLOCKS {min_blocks}\n" + _SOURCE
+def source(dense_b, bk=BK, min_blocks=2):
+    return f"#define DENSE_B {int(dense_b)}\n#define BK {bk}\n#define MIN_BLOCKS {min_blocks}\n" + _SOURCE
 
 
 # ------------------------------------------------------------------ planning (NumPy)
@@ -311,23 +326,26 @@ class ImplicitGemm(Algorithm):
         if found is None:
             plans = self._host_plan(op, g)
             form = plans[0].a_form
-            a_index = cp.asarray(np.concatenate([p.a_index for p in plans]).astype(np.int32)) \
-                if form == "gather" else None
-            launches, start = [], 0
+            gemms, starts = [], np.zeros(5, dtype=np.int64)
             for p in plans:
                 K, M, N = p.shape
-                launches.append((start, K, M, N) + tuple(cp.asarray(t) for t in (p.krow, p.ncol, p.mrow, p.ccol))
-                                + tuple(np.int32(e) for e in p.extents))
-                start += K * M
-            found = (form, a_index, tuple(launches))
+                gemms.append([K, M, N, *starts])
+                starts += (K * M, K, N, M, N)
+            tables = [np.concatenate([getattr(p, name) for p in plans])
+                      for name in ("krow", "ncol", "mrow", "ccol")]
+            a_index = np.concatenate([p.a_index for p in plans]).astype(np.int32)
+            grid = (-(-max(p.shape[2] for p in plans) // BN), -(-max(p.shape[1] for p in plans) // BM), len(plans))
+            found = (form, cp.asarray(a_index) if form == "gather" else None,
+                     tuple(cp.asarray(t) for t in tables), cp.asarray(np.array(gemms, dtype=np.int32)), grid,
+                     tuple(np.int32(e) for e in plans[0].extents))
             self._remember(key, found)
         return found
 
-    def _function(self, cp):
-        key = cp.cuda.runtime.getDevice()
+    def _function(self, cp, dense_b):
+        key = (cp.cuda.runtime.getDevice(), dense_b)
         fn = self._functions.get(key)
         if fn is None:
-            fn = self._functions[key] = cp.RawModule(code=source()).get_function("implicit_gemm")
+            fn = self._functions[key] = cp.RawModule(code=source(dense_b)).get_function("implicit_gemm")
         return fn
 
     def run(self, engine, op, a, b, g):
@@ -335,16 +353,14 @@ class ImplicitGemm(Algorithm):
         out = cp.empty(g.y_shape if op == "forward" else g.x_shape, dtype=a.dtype)
         if out.size == 0:
             return out
-        form, a_index, launches = self._device_plan(cp, op, g)
+        form, a_index, tables, gemms, grid, extents = self._device_plan(cp, op, g)
         if form == "weight":
             weights = b
-        else:                       # every launch's A, gathered in one pass
+        else:                       # every GEMM's A, gathered in one pass
             weights = cp.ascontiguousarray(b.reshape(g.y_channels, -1).T) if form == "transposed" \
                 else cp.take(b.reshape(-1), a_index)
             engine._note(weights)
-        fn = self._function(cp)
-        for start, K, M, N, krow, ncol, mrow, ccol, e0, e1, e2 in launches:
-            fn((-(-N // BN), -(-M // BM)), (THREADS,),
-               (weights.reshape(-1)[start:], a, out, krow, ncol, mrow, ccol, np.int32(M), np.int32(N), np.int32(K),
-                e0, e1, e2))
+        dense = form == "weight"    # k = s: B is gy itself, row k = co at k * plane
+        self._function(cp, dense)(grid, (THREADS,), (weights, a, out, *tables, gemms, *extents,
+                                                     np.int32(math.prod(g.y_size))))
         return out
