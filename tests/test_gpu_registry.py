@@ -99,8 +99,16 @@ def test_cudnn_graph_padding_rule_and_alignment():
 
 def emulate_implicit_gemm(plans, w, src, out_size):
     """What the implicit_gemm kernel computes from its plans, in NumPy (float64)."""
+    src = np.asarray(src, np.float64)
+    if plans[0].a_form == "weight":            # k = s: one GEMM per sample, tables of one sample
+        per = out_size // src.shape[0]
+        return np.concatenate([_emulate(plans, w, s, per) for s in src])
+    return _emulate(plans, w, src, out_size)
+
+
+def _emulate(plans, w, src, out_size):
     out = np.full(out_size, np.nan)            # every position must be written
-    wf, srcf = np.asarray(w, np.float64).reshape(-1), np.asarray(src, np.float64).reshape(-1)
+    wf, srcf = np.asarray(w, np.float64).reshape(-1), src.reshape(-1)
     for p in plans:
         K, M, N = p.shape
         a = wf[p.a_index].reshape(K, M)
@@ -166,7 +174,7 @@ def test_implicit_gemm_k_equal_s_input_gradient_is_one_gemm():
     from ndconv.geometry import conv_transpose_geometry
     k2s2 = conv_transpose_geometry((2, 8, 5, 5), (8, 4, 2, 2), None, 2)[0]
     (plan,) = backward_input_plan(k2s2)
-    assert plan.a_form == "weight" and plan.shape == (8, 4 * 4, 2 * 25)        # K = Cy, M = Cx * taps
+    assert plan.a_form == "weight" and plan.shape == (8, 4 * 4, 25)      # K = Cy, M = Cx * taps, per sample
     assert ImplicitGemm().preferred("backward_input", k2s2, np.float32)
     k4s2 = conv_transpose_geometry((2, 8, 5, 5), (8, 4, 4, 4), None, 2, 1)[0]
     assert [p.shape[0] for p in backward_input_plan(k4s2)] == [8 * 4] * 4      # 4 phases of 2x2 taps

@@ -56,6 +56,8 @@ __device__ __forceinline__ float b_at(const float* __restrict__ src, const int4*
     return inside ? src[kr.x + nc.x] : 0.f;
 }
 
+__device__ __forceinline__ int lcol_of(int tid) { return tid & 127; }
+
 // One launch, one GEMM per blockIdx.z (a phase): C (M x N) = A^T B, A dense (K, M);
 // B[k][n] = src[krow[k].x + ncol[n].x] where 0 <= ncol[n].{y,z,w} + krow[k].{y,z,w}
 // < E0, E1, E2, else 0 (DENSE_B: src[k * kstride + ncol[n].x], always inside);
@@ -65,15 +67,26 @@ extern "C" __global__ void __launch_bounds__(256, MIN_BLOCKS)
 implicit_gemm(const float* __restrict__ a, const float* __restrict__ src, float* __restrict__ dst,
               const int4* __restrict__ krow, const int4* __restrict__ ncol,
               const int* __restrict__ mrow, const int* __restrict__ ccol, const int* __restrict__ gemms,
-              int E0, int E1, int E2, int kstride)
+              int E0, int E1, int E2, int kstride, long long src_sample, long long dst_sample)
 {
     __shared__ __align__(16) float As[2][BK][BM];
     __shared__ __align__(16) float Bs[2][BK][BN];
+#if DENSE_B
+    // one GEMM per sample (blockIdx.z): the tables cover one sample
+    const int* gp = gemms;
+    src += blockIdx.z * src_sample;
+    dst += blockIdx.z * dst_sample;
+#else
     const int* gp = gemms + 8 * blockIdx.z;
+#endif
     const int K = gp[0], M = gp[1], N = gp[2];
     const int m0 = blockIdx.y * BM, n0 = blockIdx.x * BN;
     if (m0 >= M || n0 >= N) return;
-    a += gp[3]; krow += gp[4]; ncol += gp[5]; mrow += gp[6]; ccol += gp[7];
+    // offsets, not moved pointers: pointers kept live through the main loop cost registers
+    const int a_col = gp[3] + m0 + lcol_of(threadIdx.x);
+#if !DENSE_B
+    krow += gp[4];
+#endif
     const int tid = threadIdx.x;
     const int tx = tid & 15, ty = tid >> 4;
 
@@ -82,7 +95,7 @@ implicit_gemm(const float* __restrict__ a, const float* __restrict__ src, float*
     const int lcol = tid & 127, lrow = tid >> 7;
     const bool a_in = m0 + lcol < M;
     const bool b_in = n0 + lcol < N;
-    const int4 nc = b_in ? ncol[n0 + lcol] : make_int4(0, 0, 0, 0);
+    const int4 nc = b_in ? ncol[gp[5] + n0 + lcol] : make_int4(0, 0, 0, 0);
     float ra[LOADS], rb[LOADS];
 
 #if DENSE_B
@@ -93,7 +106,7 @@ implicit_gemm(const float* __restrict__ a, const float* __restrict__ src, float*
 #define LOAD_TILE(k0)                                                                     \
     _Pragma("unroll") for (int r = 0; r < LOADS; ++r) {                                   \
         const int k = (k0) + lrow + 2 * r;                                                \
-        ra[r] = (a_in && k < K) ? a[(long long)k * M + m0 + lcol] : 0.f;                  \
+        ra[r] = (a_in && k < K) ? a[(long long)k * M + a_col] : 0.f;                      \
         rb[r] = B_AT(k);                                                                  \
     }
 #define STORE_TILE(buf)                                                                   \
@@ -134,6 +147,8 @@ implicit_gemm(const float* __restrict__ a, const float* __restrict__ src, float*
         buf ^= 1;
     }
 
+    mrow += DENSE_B ? gemms[6] : gemms[8 * blockIdx.z + 6];
+    ccol += DENSE_B ? gemms[7] : gemms[8 * blockIdx.z + 7];
     int col[8];
     #pragma unroll
     for (int j = 0; j < 8; ++j) {
@@ -246,14 +261,13 @@ def backward_input_plan(g):
             and all(es == [0] for dims in per_dim for _, es in dims)):
         # k = s without padding: every (phase, tap) pair is a row of one GEMM, with
         # k = co and m = (ci, tap): A is w as (Cy, Cx*P) itself
+        # (the kernel runs it once per sample: the columns are one sample's positions)
         taps = _grid(g.kernel)
-        pos = _grid(g.y_size)
-        sample = np.repeat(np.arange(g.batch), len(pos))
-        j = np.tile(pos, (g.batch, 1))
+        j = _grid(g.y_size)
         return (Gemm(krow=_table(np.arange(cy) * yplane, np.zeros((cy, nd), np.int64)),
-                     ncol=_table(sample * cy * yplane + j @ yp, j),
+                     ncol=_table(j @ yp, j),
                      mrow=(np.repeat(np.arange(cx), P) * xplane + np.tile(taps @ xp, cx)).astype(np.int32),
-                     ccol=(sample * cx * xplane + j @ sxp).astype(np.int32),
+                     ccol=(j @ sxp).astype(np.int32),
                      a_index=np.arange(cy * cx * P), a_form="weight", extents=_extents(g.y_size)),)
     plans = []
     for r, dims in zip(phases, per_dim):
@@ -334,7 +348,8 @@ class ImplicitGemm(Algorithm):
             tables = [np.concatenate([getattr(p, name) for p in plans])
                       for name in ("krow", "ncol", "mrow", "ccol")]
             a_index = np.concatenate([p.a_index for p in plans]).astype(np.int32)
-            grid = (-(-max(p.shape[2] for p in plans) // BN), -(-max(p.shape[1] for p in plans) // BM), len(plans))
+            grid = (-(-max(p.shape[2] for p in plans) // BN), -(-max(p.shape[1] for p in plans) // BM),
+                    g.batch if form == "weight" else len(plans))
             found = (form, cp.asarray(a_index) if form == "gather" else None,
                      tuple(cp.asarray(t) for t in tables), cp.asarray(np.array(gemms, dtype=np.int32)), grid,
                      tuple(np.int32(e) for e in plans[0].extents))
@@ -360,7 +375,12 @@ class ImplicitGemm(Algorithm):
             weights = cp.ascontiguousarray(b.reshape(g.y_channels, -1).T) if form == "transposed" \
                 else cp.take(b.reshape(-1), a_index)
             engine._note(weights)
-        dense = form == "weight"    # k = s: B is gy itself, row k = co at k * plane
-        self._function(cp, dense)(grid, (THREADS,), (weights, a, out, *tables, gemms, *extents,
-                                                     np.int32(math.prod(g.y_size))))
+        dense = form == "weight"    # k = s: B is gy itself, row k = co at k * plane, a GEMM per sample
+        fn = self._function(cp, dense)
+        samples = (np.int64(g.y_channels * math.prod(g.y_size)), np.int64(g.x_channels * math.prod(g.x_size)))
+        for n0 in range(0, grid[2], 65535):          # grid z is at most 65535
+            n1 = min(grid[2], n0 + 65535)
+            fn(grid[:2] + (n1 - n0,), (THREADS,),
+               (weights, a[n0:] if dense else a, out[n0:] if dense else out, *tables, gemms, *extents,
+                np.int32(math.prod(g.y_size)), *samples))
         return out
