@@ -179,6 +179,11 @@ def test_implicit_gemm_k_equal_s_input_gradient_is_one_gemm():
     k4s2 = conv_transpose_geometry((2, 8, 5, 5), (8, 4, 4, 4), None, 2, 1)[0]
     assert [p.shape[0] for p in backward_input_plan(k4s2)] == [8 * 4] * 4      # 4 phases of 2x2 taps
     assert not ImplicitGemm().preferred("backward_input", k4s2, np.float32)
+    one = conv_geometry((2, 8, 5, 5), (4, 8, 1, 1))[0]                         # 1x1: a plain GEMM
+    assert backward_input_plan(one)[0].a_form == "weight"
+    assert not ImplicitGemm().preferred("backward_input", one, np.float32)
+    assert not ImplicitGemm().preferred("backward_input", conv_geometry((2, 8, 5, 5), (4, 8, 3, 3))[0],
+                                        np.float32)
     k1s2 = conv_geometry((1, 2, 7), (3, 2, 1), stride=2)[0]                    # odd positions: no tap
     assert [p.shape[0] for p in backward_input_plan(k1s2)] == [3, 0]
 

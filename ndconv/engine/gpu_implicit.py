@@ -318,8 +318,9 @@ class ImplicitGemm(Algorithm):
         return np.dtype(dtype) == np.float32 and applies(op, g)
 
     def preferred(self, op, g, dtype):
-        # k = s transposed convolutions: one GEMM with the depth-to-space in its stores
-        return op == "backward_input" and len(self._host_plan(op, g)) == 1
+        # k = s > 1 transposed convolutions: one GEMM with the depth-to-space in its stores
+        return (op == "backward_input" and any(s > 1 for s in g.stride)
+                and self._host_plan(op, g)[0].a_form == "weight")
 
     def _host_plan(self, op, g):
         key = ("host", op, g)
