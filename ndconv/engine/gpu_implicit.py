@@ -6,7 +6,7 @@ weights, and ``B``, ``C`` never materialised: row ``k`` and column ``n`` of ``B`
 described by table entries, ``B[k, n] = src[krow[k].off + ncol[n].off]`` where the
 per-dim coordinates ``ncol[n].j + krow[k].e`` fall inside the source's extent (zero
 elsewhere: padding), and ``C[m, n]`` goes to ``dst[mrow[m] + ccol[n]]``.  The batch is
-folded into the columns, so every call is one launch per phase:
+folded into the columns and the phases share one launch (grid z):
 
 * forward: k = (ci, tap), m = co, n = (sample, output position); ``e`` is the tap's
   dilated offset, ``j`` the position's strided, padded origin.  No im2col buffer.
@@ -15,14 +15,16 @@ folded into the columns, so every call is one launch per phase:
   ``j + (r + pad - d t) / s`` (the transposed convolution as ``prod(s)`` dense GEMMs,
   no zero taps); k = (co, tap), m = ci, n = (sample, phase position).  A phase no tap
   reaches gets zeros (K = 0).  When every phase has one tap at offset 0 (k = s, no
-  padding) the phases are one GEMM with m = (ci, tap).
+  padding) the phases are one GEMM with m = (ci, tap), k = co, reading ``gy`` densely;
+  it runs per sample (grid z), which measured faster than folding the batch.
 
 The GEMM tiling is the classic one: a 128 x 128 block tile, 16-deep k steps
 double-buffered through registers, 8 x 8 results per thread, two blocks per SM; a
 thread's columns are 16 apart, so a warp's stores cover consecutive positions.
 Measured on an H200 with ``scripts/implicit_sweep.py`` (k = s transposed rows of the
-suite, 8.6 GFLOP each): 0.27 ms against cuDNN's 0.45-1.2 ms and ``phases``' 0.42 ms;
-8-deep k steps were 6% slower, one block per SM 20% slower.
+suite, 8.6 GFLOP each): 0.27-0.33 ms against cuDNN's 0.45-1.5 ms and ``phases``' 0.42 ms;
+8-deep k steps were 6% slower, one block per SM 20% slower.  Elsewhere (padded, strided
+3x3 calls) it loses to cuDNN and ``im2col_gemm`` and the autotuner passes it over.
 
 float32 only (float16 goes to cuDNN's tensor cores; float64 is not a speed path), one
 group, flat indices below 2**31.  The planning half is NumPy, checked without a GPU.
@@ -201,9 +203,9 @@ def _pitches(size):
     return np.array([math.prod(size[d + 1:]) for d in range(len(size))], dtype=np.int64)
 
 
-def _pad3(coords, fill=0):
-    """(count, nd) -> (count, 3): unused dims get a coordinate that is always in range."""
-    out = np.full((coords.shape[0], 3), fill, dtype=np.int64)
+def _pad3(coords):
+    """(count, nd) -> (count, 3): unused dims get coordinate 0, always inside extent 1."""
+    out = np.zeros((coords.shape[0], 3), dtype=np.int64)
     out[:, :coords.shape[1]] = coords
     return out
 
