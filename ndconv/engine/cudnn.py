@@ -331,6 +331,22 @@ def callable_by_cudnn(op, g, dtype):
     return available()
 
 
+def output_and_roles(cp, op, a, b, g):
+    """A primitive's new output, and its three arrays in (x, w, y) role order."""
+    if op == "forward":
+        out = cp.empty(g.y_shape, dtype=a.dtype)
+        return out, (a, b, out)
+    if op == "backward_input":
+        out = cp.empty(g.x_shape, dtype=a.dtype)
+        return out, (out, b, a)
+    out = cp.empty(g.w_shape, dtype=a.dtype)
+    return out, (a, out, b)
+
+
+# cuDNN's argument order per primitive: the two inputs, then the output (x, w, y = 0, 1, 2)
+_ARG_ORDER = {"forward": (0, 1, 2), "backward_input": (1, 2, 0), "backward_weight": (0, 2, 1)}
+
+
 class Cudnn(Algorithm):
     """cuDNN's convolution kernels (deterministic ones only while the engine is)."""
 
@@ -358,19 +374,12 @@ class Cudnn(Algorithm):
         import cupy as cp
         plan = self._plan(cp, g, a.dtype)
         handle = cudnn_handle(cp)
-        if op == "forward":
-            out = cp.empty(g.y_shape, dtype=a.dtype)
-            descs, arrays = (plan.x, plan.w, plan.y), (a, b, out)
-        elif op == "backward_input":
-            out = cp.empty(g.x_shape, dtype=a.dtype)
-            descs, arrays = (plan.w, plan.y, plan.x), (b, a, out)
-        else:
-            out = cp.empty(g.w_shape, dtype=a.dtype)
-            descs, arrays = (plan.x, plan.y, plan.w), (a, b, out)
+        out, arrays = output_and_roles(cp, op, a, b, g)
+        descs = (plan.x, plan.w, plan.y)
         # cuDNN's argument order: (desc, data) of the two inputs, then of the output.
         ptr = []
-        for desc, arr in zip(descs, arrays):
-            ptr += [desc, ctypes.c_void_p(arr.data.ptr)]
+        for role in _ARG_ORDER[op]:
+            ptr += [descs[role], ctypes.c_void_p(arrays[role].data.ptr)]
         algo, ws_bytes, math_type = self._algorithm(engine, cp, handle, plan, op, g, ptr)
         # Each algorithm runs with the math type Find measured it with (else BAD_PARAM).
         plan.set_math(math_type)

@@ -276,15 +276,7 @@ class CudnnGraph(Algorithm):
 
     def run(self, engine, op, a, b, g):
         import cupy as cp
-        if op == "forward":
-            out = cp.empty(g.y_shape, dtype=a.dtype)
-            arrays = (a, b, out)                       # x, w, y
-        elif op == "backward_input":
-            out = cp.empty(g.x_shape, dtype=a.dtype)
-            arrays = (out, b, a)
-        else:
-            out = cp.empty(g.w_shape, dtype=a.dtype)
-            arrays = (a, out, b)
+        out, arrays = cudnn.output_and_roles(cp, op, a, b, g)      # x, w, y
         ptrs = tuple(arr.data.ptr for arr in arrays)
         handle = cudnn.cudnn_handle(cp)
         align = _alignment(*ptrs)

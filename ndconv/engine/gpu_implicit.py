@@ -58,8 +58,6 @@ __device__ __forceinline__ float b_at(const float* __restrict__ src, const int4*
     return inside ? src[kr.x + nc.x] : 0.f;
 }
 
-__device__ __forceinline__ int lcol_of(int tid) { return tid & 127; }
-
 // One launch, one GEMM per blockIdx.z (a phase): C (M x N) = A^T B, A dense (K, M);
 // B[k][n] = src[krow[k].x + ncol[n].x] where 0 <= ncol[n].{y,z,w} + krow[k].{y,z,w}
 // < E0, E1, E2, else 0 (DENSE_B: src[k * kstride + ncol[n].x], always inside);
@@ -84,8 +82,6 @@ implicit_gemm(const float* __restrict__ a, const float* __restrict__ src, float*
     const int K = gp[0], M = gp[1], N = gp[2];
     const int m0 = blockIdx.y * BM, n0 = blockIdx.x * BN;
     if (m0 >= M || n0 >= N) return;
-    // offsets, not moved pointers: pointers kept live through the main loop cost registers
-    const int a_col = gp[3] + m0 + lcol_of(threadIdx.x);
 #if !DENSE_B
     krow += gp[4];
 #endif
@@ -95,6 +91,8 @@ implicit_gemm(const float* __restrict__ a, const float* __restrict__ src, float*
     // Tile loads: element tid + 256 r (r < BK/2) of a BK x 128 tile is row lrow + 2 r,
     // column lcol, so each warp reads 32 consecutive columns of one row.
     const int lcol = tid & 127, lrow = tid >> 7;
+    // an offset, not a moved pointer: pointers kept live through the main loop cost registers
+    const int a_col = gp[3] + m0 + lcol;
     const bool a_in = m0 + lcol < M;
     const bool b_in = n0 + lcol < N;
     const int4 nc = b_in ? ncol[gp[5] + n0 + lcol] : make_int4(0, 0, 0, 0);
@@ -350,10 +348,11 @@ class ImplicitGemm(Algorithm):
                 starts += (K * M, K, N, M, N)
             tables = [np.concatenate([getattr(p, name) for p in plans])
                       for name in ("krow", "ncol", "mrow", "ccol")]
-            a_index = np.concatenate([p.a_index for p in plans]).astype(np.int32)
             grid = (-(-max(p.shape[2] for p in plans) // BN), -(-max(p.shape[1] for p in plans) // BM),
                     g.batch if form == "weight" else len(plans))
-            found = (form, cp.asarray(a_index) if form == "gather" else None,
+            a_index = (cp.asarray(np.concatenate([p.a_index for p in plans]).astype(np.int32))
+                       if form == "gather" else None)
+            found = (form, a_index,
                      tuple(cp.asarray(t) for t in tables), cp.asarray(np.array(gemms, dtype=np.int32)), grid,
                      tuple(np.int32(e) for e in plans[0].extents))
             self._remember(key, found)
