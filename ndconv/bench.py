@@ -41,6 +41,9 @@ DTYPES = ("float32", "float16")
 DEFAULT_SUITE = Path(__file__).resolve().parent / "data" / "bench-suite.json"
 DEFAULT_REPEAT = {"cpu": 7, "gpu": 20}
 DEFAULT_WARMUP = {"cpu": 1, "gpu": 3}
+#: seconds of pause, then an untimed call, before each timed call (see time_pair): on the
+#: CPU both libraries' worker threads spin after a call and would slow the other's next one
+DEFAULT_SETTLE = {"cpu": 0.25, "gpu": 0.0}
 # Relative max error (max |a - b| / max |b|) allowed between the two libraries.
 # float32 sums of up to ~10^4 products stay well inside 1e-3 (TF32 is off on the
 # GPU); float16 keeps ~3 decimal digits, and the two libraries may round partial
@@ -241,19 +244,25 @@ class PairTiming:
     times_b: list
 
 
-def time_pair(fn_a, fn_b, repeat, warmup=1, sync=None, clock=time.perf_counter):
+def time_pair(fn_a, fn_b, repeat, warmup=1, sync=None, clock=time.perf_counter, settle=0.0,
+              sleep=time.sleep):
     """Time ``fn_a`` and ``fn_b`` alternately (A B A B ...), ``repeat`` times each.
 
     ``warmup`` untimed rounds of both come first.  ``sync`` (e.g. a device
     synchronisation) runs before the clock starts and before it stops, so queued
-    asynchronous work is neither charged to the next call nor left out.  Returns a
-    :class:`PairTiming`; the median shrugs off the odd interrupted run that a mean
-    would absorb.
+    asynchronous work is neither charged to the next call nor left out.  With
+    ``settle`` > 0 (seconds), every timed call comes after a pause of that length
+    and one untimed call of the same function: on a CPU, a library's worker threads
+    spin for up to ~0.2 s after its call (OpenBLAS, OpenMP), and would otherwise
+    take cores from the other library's next call.  Returns a :class:`PairTiming`;
+    the median shrugs off the odd interrupted run that a mean would absorb.
     """
     if not _is_int(repeat) or repeat < 1:
         raise ValueError(f"repeat must be a positive integer, got repeat={repeat!r}")
     if not _is_int(warmup) or warmup < 0:
         raise ValueError(f"warmup must be a non-negative integer, got warmup={warmup!r}")
+    if isinstance(settle, bool) or not isinstance(settle, (int, float)) or not 0 <= settle < 60:
+        raise ValueError(f"settle must be a number of seconds in [0, 60), got settle={settle!r}")
     sync = sync or (lambda: None)
     for _ in range(warmup):
         fn_a()
@@ -261,6 +270,9 @@ def time_pair(fn_a, fn_b, repeat, warmup=1, sync=None, clock=time.perf_counter):
     times_a, times_b = [], []
 
     def once(fn, out):
+        if settle:
+            sleep(settle)
+            fn()
         sync()
         t0 = clock()
         fn()
@@ -577,7 +589,7 @@ def torch_calls(case, x, w, gy):
     return {"fwd": fwd, "bwd_data": bwd_data, "bwd_weight": bwd_weight}
 
 
-def run_case(case, backend, repeat, warmup, ops=OPS):
+def run_case(case, backend, repeat, warmup, ops=OPS, settle=0.0):
     """Check and time one case; returns one record per operation.
 
     Each timed record carries ``_ceiling`` ("compute" or "memory") and ``_work``
@@ -624,7 +636,7 @@ def run_case(case, backend, repeat, warmup, ops=OPS):
                 _failed(rec, "mismatch", f"ndconv and PyTorch disagree: relative max error {err:.3g} "
                                          f"> tolerance {TOLERANCE[dtype]:g}")
                 continue
-            timing = time_pair(nd_fns[op], th_fns[op], repeat, warmup, backend.sync)
+            timing = time_pair(nd_fns[op], th_fns[op], repeat, warmup, backend.sync, settle=settle)
         except Exception as e:
             _failed(rec, "error", f"{type(e).__name__}: {e}")
             continue
@@ -778,6 +790,11 @@ def add_arguments(parser):
     parser.add_argument("--warmup", type=int_at_least(0), default=None, metavar="N",
                         help="untimed rounds before timing, after the agreement check "
                              f"(default: {DEFAULT_WARMUP['cpu']} on cpu, {DEFAULT_WARMUP['gpu']} on gpu)")
+    parser.add_argument("--settle", type=float, default=None, metavar="SECONDS",
+                        help="before each timed call: a pause, then one untimed call of the same "
+                             "library, so the other library's spinning worker threads are idle and "
+                             f"this one's awake (default: {DEFAULT_SETTLE['cpu']} on cpu, "
+                             f"{DEFAULT_SETTLE['gpu']} on gpu)")
     parser.add_argument("--dtype", choices=DTYPES, default="float32",
                         help="arrays of both libraries (default: float32)")
     parser.add_argument("--json", metavar="PATH", default=None,
@@ -821,24 +838,27 @@ def run(args):
                       "(pip install 'ndconv[bench]')")
     repeat = args.repeat or DEFAULT_REPEAT[device]
     warmup = DEFAULT_WARMUP[device] if args.warmup is None else args.warmup
+    settle = DEFAULT_SETTLE[device] if args.settle is None else args.settle
+    if not (math.isfinite(settle) and 0 <= settle < 60):
+        return _error(f"--settle must be seconds in [0, 60), got {args.settle}")
     threads = (args.threads or os.cpu_count()) if device == "cpu" else None
     with cpu_threads(threads) if threads else contextlib.nullcontext():
-        return _bench(args, cases, repeat, warmup, threads)
+        return _bench(args, cases, repeat, warmup, threads, settle)
 
 
-def _bench(args, cases, repeat, warmup, threads):
+def _bench(args, cases, repeat, warmup, threads, settle=0.0):
     backend = Backend(args.device, args.dtype, threads, autotune=not args.no_autotune)
     try:
-        return _bench_with(backend, args, cases, repeat, warmup, threads)
+        return _bench_with(backend, args, cases, repeat, warmup, threads, settle)
     finally:
         backend.close()
 
 
-def _bench_with(backend, args, cases, repeat, warmup, threads):
+def _bench_with(backend, args, cases, repeat, warmup, threads, settle=0.0):
     device = args.device
     versions = _versions(backend)
     print(f"ndconv bench: {device} ({backend.describe()}), {args.dtype}, {len(cases)} cases, "
-          f"repeat {repeat}, warm-up {warmup}", file=sys.stderr)
+          f"repeat {repeat}, warm-up {warmup}, settle {settle:g} s", file=sys.stderr)
     load_before = _load()
     busy = _busy_warning(device, load_before)
     if busy:
@@ -854,7 +874,7 @@ def _bench_with(backend, args, cases, repeat, warmup, threads):
     for case in cases:
         if bar is not None:
             bar.set_postfix_str(case.name)
-        for rec in run_case(case, backend, repeat, warmup):
+        for rec in run_case(case, backend, repeat, warmup, settle=settle):
             rec.update(versions)
             records.append(rec)
             if rec["status"] != "ok":
@@ -872,7 +892,7 @@ def _bench_with(backend, args, cases, repeat, warmup, threads):
     ceiling_text = ", ".join(str(c) for c in ceilings.values() if c is not None)
 
     print(f"# ndconv bench --device {device} --dtype {args.dtype} --repeat {repeat}"
-          + (f" --threads {threads}" if threads else ""))
+          + (f" --threads {threads}" if threads else "") + f" --settle {settle:g}")
     print(f"# machine: {backend.describe()}")
     if busy:
         print(f"# {busy}")

@@ -89,6 +89,28 @@ def test_time_pair_interleaves_and_takes_medians():
     assert t.median_b == 2.0
 
 
+def test_time_pair_settles_and_primes_before_each_timed_call():
+    # On a CPU each library's threads spin after its call: every timed call of one
+    # library must follow a pause and an untimed call of that same library.
+    clock = FakeClock()
+    calls = []
+
+    def fn(name, cost):
+        def call():
+            calls.append(name)
+            clock.now += cost
+        return call
+
+    def sleep(seconds):
+        calls.append(f"z{seconds}")
+        clock.now += 1000.0     # the pause is never charged to a call
+
+    t = bench.time_pair(fn("A", 3.0), fn("B", 2.0), repeat=2, warmup=0, clock=clock, settle=0.5,
+                        sleep=sleep)
+    assert calls == ["z0.5", "A", "A", "z0.5", "B", "B"] * 2
+    assert t.times_a == [3.0, 3.0] and t.times_b == [2.0, 2.0]
+
+
 def test_time_pair_with_real_sleeps():
     t = bench.time_pair(lambda: time.sleep(0.02), lambda: time.sleep(0.005), repeat=3, warmup=0)
     assert len(t.times_a) == len(t.times_b) == 3
@@ -99,7 +121,9 @@ def test_time_pair_with_real_sleeps():
 
 
 @pytest.mark.parametrize("kwargs, word", [({"repeat": 0}, "repeat"), ({"repeat": 2.5}, "repeat"),
-                                          ({"repeat": 1, "warmup": -1}, "warmup")])
+                                          ({"repeat": 1, "warmup": -1}, "warmup"),
+                                          ({"repeat": 1, "settle": -0.1}, "settle"),
+                                          ({"repeat": 1, "settle": True}, "settle")])
 def test_time_pair_rejects_bad_counts(kwargs, word):
     called = []
     with pytest.raises(ValueError, match=word):

@@ -136,3 +136,98 @@ def test_im2col_input_gradient_compiled_scatter_matches_numpy_loop(monkeypatch, 
     padding = [(lo, hi) for lo, hi in zip(g.pad_lo, g.pad_hi)]
     ref = conv_grad_input(gy, w, g.x_size, g.stride, padding, g.dilation, g.groups)
     np.testing.assert_allclose(compiled, ref, rtol=1e-10, atol=1e-10)
+
+
+# ------------------------------------------------------------------ taps: strided BLAS per kernel tap
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+from ndconv.engine import cpu as cpu_module  # noqa: E402
+from ndconv.engine import cpu_blas  # noqa: E402
+
+needs_blas = pytest.mark.skipif(not cpu_blas.AVAILABLE, reason="NumPy's OpenBLAS CBLAS not found")
+
+
+@needs_blas
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("trans_b", [False, True])
+def test_blas_gemm_on_strided_blocks_adds_into_c(dtype, trans_b):
+    a = rng.standard_normal((7, 20)).astype(dtype)
+    b = rng.standard_normal((9, 30)).astype(dtype)
+    c = rng.standard_normal((6, 25)).astype(dtype)
+    want = c.copy()
+    ab = a[1:6, 2:6]                                   # (5, 4) at offset 22, pitch 20
+    bb = b[3:8, 7:11] if trans_b else b[2:6, 4:9]      # (5, 4) -> B^T (4, 5), or (4, 5)
+    want[1:6, 3:8] += ab @ (bb.T if trans_b else bb)
+    cpu_blas.gemm(a, 22, (5, 4), 20, b, 3 * 30 + 7 if trans_b else 2 * 30 + 4, bb.shape, 30,
+                  c, 25 + 3, 25, 1.0, trans_b=trans_b)
+    np.testing.assert_allclose(c, want, rtol=1e-5, atol=1e-5)
+
+
+@needs_blas
+def test_blas_gemm_refuses_a_block_outside_its_array_before_writing():
+    a, b, c = (np.ones((4, 4), np.float32) for _ in range(3))
+    before = c.copy()
+    with pytest.raises(ValueError, match="leaves an array of 16"):
+        cpu_blas.gemm(a, 0, (4, 4), 4, b, 1, (4, 4), 4, c, 0, 4, 0.0)      # B runs one past the end
+    with pytest.raises(ValueError, match="C-contiguous"):
+        cpu_blas.gemm(a, 0, (4, 4), 4, b.astype(np.float64), 0, (4, 4), 4, c, 0, 4, 0.0)
+    np.testing.assert_array_equal(c, before)
+
+
+@st.composite
+def taps_cases(draw):
+    nd = draw(st.integers(1, 3))
+    groups = draw(st.integers(1, 3))
+    kernel = tuple(draw(st.lists(st.integers(1, 3), min_size=nd, max_size=nd)))
+    stride = tuple(draw(st.lists(st.integers(1, 2), min_size=nd, max_size=nd)))
+    dilation = tuple(draw(st.lists(st.integers(1, 2), min_size=nd, max_size=nd)))
+    lo = tuple(draw(st.lists(st.integers(0, 2), min_size=nd, max_size=nd)))
+    hi = tuple(draw(st.lists(st.integers(0, 2), min_size=nd, max_size=nd)))
+    size = tuple(draw(st.integers(s * (d * (k - 1) + 1), s * (d * (k - 1) + 1) + 4))
+                 for k, s, d in zip(kernel, stride, dilation))
+    return dict(batch=draw(st.integers(1, 3)), c_in=groups * draw(st.integers(1, 3)),
+                c_out=groups * draw(st.integers(1, 3)), groups=groups, kernel=kernel, stride=stride,
+                dilation=dilation, padding=tuple(zip(lo, hi)), size=size,
+                block=draw(st.sampled_from([1, 64, 1 << 20])))
+
+
+@needs_blas
+@settings(max_examples=60, deadline=None)
+@given(c=taps_cases())
+def test_taps_matches_reference_on_drawn_geometries(c):
+    """Forced ``taps`` (any channel count, tiny and huge column blocks) against the float64 loops."""
+    import reference as ref
+    g = geometry((c["batch"], c["c_in"]) + c["size"], (c["c_out"], c["c_in"] // c["groups"]) + c["kernel"],
+                 stride=c["stride"], padding=c["padding"], dilation=c["dilation"], groups=c["groups"])
+    x, w, gy = (rng.standard_normal(s) for s in (g.x_shape, g.w_shape, g.y_shape))
+    args = dict(stride=c["stride"], padding=c["padding"], dilation=c["dilation"], groups=c["groups"])
+    expected = {"forward": ref.conv(x, w, None, **args),
+                "backward_input": ref.conv_grad_input(gy, w, c["size"], **args),
+                "backward_weight": ref.conv_grad_weight(x, gy, w.shape, **args)}
+    operands = {"forward": (x, w), "backward_input": (gy, w), "backward_weight": (x, gy)}
+    e = CPUEngine()
+    e.taps_block_bytes = c["block"]
+    saved = cpu_module.TAPS_MIN_CHANNELS
+    cpu_module.TAPS_MIN_CHANNELS = 1
+    try:
+        for op, want in expected.items():
+            if not e.supports("taps", op, g, 8):
+                continue
+            for dtype, tol in ((np.float64, 1e-10), (np.float32, 1e-4)):
+                with e.force("taps"):
+                    got = getattr(e, op)(*(v.astype(dtype) for v in operands[op]), g)
+                assert got.dtype == dtype
+                np.testing.assert_allclose(got, want, rtol=tol, atol=tol * max(1.0, np.abs(want).max()),
+                                           err_msg=f"{op} {dtype.__name__} {c}")
+    finally:
+        cpu_module.TAPS_MIN_CHANNELS = saved
+
+
+@needs_blas
+def test_taps_is_a_candidate_only_for_wide_groups():
+    e = CPUEngine()
+    wide = geometry((2, 32, 9, 9), (32, 16, 3, 3), padding=1, groups=2)
+    narrow = geometry((2, 32, 9, 9), (32, 4, 3, 3), padding=1, groups=8)
+    assert e.supports("taps", "forward", wide)
+    assert not e.supports("taps", "forward", narrow)

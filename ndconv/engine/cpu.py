@@ -15,6 +15,12 @@ Algorithms (``CPUEngine.algorithms``):
   a phase lacks (none when the kernel is a multiple of the stride).
 * ``flat_cf`` - the same with channels-first columns (weight @ columns); which
   of the two is faster depends on the shape, so the autotuner measures both.
+* ``taps`` - stride 1 (or through phases) without any column copy: the batch is
+  folded into the columns of one flat padded copy of x, and each kernel tap is
+  one BLAS GEMM over a shifted view of it, added into an output block that stays
+  in cache (``cpu_blas``: NumPy's own OpenBLAS, called with strides and beta = 1).
+  For channel counts where per-tap GEMMs are large enough (at least
+  ``TAPS_MIN_CHANNELS`` per group).
 * ``depthwise`` - compiled loops (numba) when each group reads one channel.
 * ``grouped`` - compiled direct loops (numba) for a few channels per group, where
   the per-group GEMMs are too small for BLAS (see ``cpu_grouped``).
@@ -35,6 +41,7 @@ import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
 from . import autotune
+from . import cpu_blas
 from . import cpu_col2im
 from . import cpu_depthwise as dw
 from . import cpu_grouped as gr
@@ -43,6 +50,7 @@ from .phases import need_extent
 
 DEFAULT_WORKSPACE = 256 << 20
 GROUPED_MAX = 32   # channels per group (in and out) up to which "grouped" may run; see supports
+TAPS_MIN_CHANNELS = 16   # per group, in and out, for "taps": narrower per-tap GEMMs waste BLAS
 OPS = ("forward", "backward_input", "backward_weight")
 
 
@@ -53,12 +61,15 @@ def compute_dtype(dtype):
 
 class CPUEngine:
     name = "cpu"
-    algorithms = ("depthwise", "grouped", "flat_cf", "flat", "im2col")
+    algorithms = ("depthwise", "grouped", "taps", "flat_cf", "flat", "im2col")
 
     def __init__(self, workspace_limit=DEFAULT_WORKSPACE):
         self.workspace_limit = workspace_limit
         self.peak_temp_bytes = 0
         self.block_bytes = 4 << 20    # column block of the flat path (measured: 1-8 MiB all close)
+        # output block of the taps path, kept in L2 while every tap adds into it (measured on
+        # 2 MiB of L2 per core: 2 MiB 1.2-1.5x faster than whole-batch GEMMs)
+        self.taps_block_bytes = 2 << 20
         self.min_block = 256          # narrower GEMMs lose BLAS efficiency
         self.max_phase_waste = 1.3    # flat-through-phases when missing taps cost at most this
         self._forced = None
@@ -83,7 +94,10 @@ class CPUEngine:
             return (gr.AVAILABLE and g.groups > 1 and g.x_channels != g.groups
                     and g.x_channels // g.groups <= GROUPED_MAX and g.y_channels // g.groups <= GROUPED_MAX
                     and gr.buffer_bytes(g, itemsize, _threads()) <= self.workspace_limit)
-        if algorithm in ("flat", "flat_cf"):
+        if algorithm == "taps" and not (cpu_blas.AVAILABLE and g.x_channels // g.groups >= TAPS_MIN_CHANNELS
+                                        and g.y_channels // g.groups >= TAPS_MIN_CHANNELS):
+            return False
+        if algorithm in ("flat", "flat_cf", "taps"):
             if op == "backward_input" and phases.unit_stride(g):
                 # the flipped kernel needs non-negative complementary padding
                 if any(lo > d * (k - 1) for lo, d, k in zip(g.pad_lo, g.dilation, g.kernel)):
@@ -185,11 +199,11 @@ class CPUEngine:
             y = self._forward_depthwise(x, w, g, dt)
         elif algorithm == "grouped":
             y = self._forward_grouped(x, w, g, dt)
-        elif algorithm in ("flat", "flat_cf"):
+        elif algorithm in ("flat", "flat_cf", "taps"):
             y = np.empty(g.y_shape, dtype=dt)
             for n0, n1 in self._batches(g, dt):
                 xs, ws, gs = _to_unit_stride(x[n0:n1], w, g.with_batch(n1 - n0), dt)
-                self._forward_flat(xs, ws, gs, dt, y[n0:n1], first=algorithm == "flat_cf")
+                self._forward_flat(xs, ws, gs, dt, y[n0:n1], algorithm)
         else:
             y = self._forward_im2col(x, w, g, dt)
         return y.astype(x.dtype, copy=False)
@@ -201,28 +215,27 @@ class CPUEngine:
         algorithm = self.choose("backward_input", g, dt)
         # Paths that write every element get an uninitialised buffer: zeroing a reused
         # allocation costs a full pass over gx (2.8 of 12.9 ms for a 1-D depthwise layer).
-        writes_all = algorithm in ("flat", "flat_cf", "grouped") or (algorithm == "depthwise" and self._depthwise_flat_ok(g))
+        writes_all = algorithm in ("flat", "flat_cf", "taps", "grouped") or (algorithm == "depthwise" and self._depthwise_flat_ok(g))
         gx = np.empty(g.x_shape, dtype=dt) if writes_all else np.zeros(g.x_shape, dtype=dt)
         if algorithm == "depthwise":
             self._backward_input_depthwise(gy, w, g, dt, gx)
         elif algorithm == "grouped":
             self._backward_input_grouped(gy, w, g, dt, gx)
-        elif algorithm in ("flat", "flat_cf") and phases.unit_stride(g):
+        elif algorithm in ("flat", "flat_cf", "taps") and phases.unit_stride(g):
             # The input gradient is a forward convolution of gy with the flipped,
             # group-transposed kernel and the complementary padding.
             g2 = _flipped_geometry(g)
             flipped = _flip_weight(w, g, dt)
             for n0, n1 in self._batches(g, dt):
-                self._forward_flat(gy[n0:n1], flipped, g2.with_batch(n1 - n0), dt, gx[n0:n1],
-                                   first=algorithm == "flat_cf")
-        elif algorithm in ("flat", "flat_cf"):
+                self._forward_flat(gy[n0:n1], flipped, g2.with_batch(n1 - n0), dt, gx[n0:n1], algorithm)
+        elif algorithm in ("flat", "flat_cf", "taps"):
             # Each output phase r of x is a stride-1 "full" convolution of gy with the
             # taps k*d = q*s + r; all phases come out of one GEMM, then interleave.
             wp, gp = phases.weight_transposed(np, w, g, dt), phases.geometry(g, transposed=True)
             for n0, n1 in self._batches(g, dt):
                 nb = n1 - n0
                 out = np.empty((nb, gp.y_channels) + gp.y_size, dtype=dt)
-                self._forward_flat(gy[n0:n1], wp, gp.with_batch(nb), dt, out, first=algorithm == "flat_cf")
+                self._forward_flat(gy[n0:n1], wp, gp.with_batch(nb), dt, out, algorithm)
                 gx[n0:n1] = phases.depth_to_space(np, out, g.with_batch(nb))
                 self._note(out, gx[n0:n1])
         else:
@@ -238,11 +251,11 @@ class CPUEngine:
             gw = self._backward_weight_depthwise(x, gy, g, dt)
         elif algorithm == "grouped":
             gw = self._backward_weight_grouped(x, gy, g, dt)
-        elif algorithm in ("flat", "flat_cf"):
+        elif algorithm in ("flat", "flat_cf", "taps"):
             gw = None
             for n0, n1 in self._batches(g, dt):
                 xs, _, gs = _to_unit_stride(x[n0:n1], None, g.with_batch(n1 - n0), dt)
-                part = self._backward_weight_flat(xs, gy[n0:n1], gs, dt, first=algorithm == "flat_cf")
+                part = self._backward_weight_flat(xs, gy[n0:n1], gs, dt, algorithm)
                 gw = part if gw is None else gw + part
             if not phases.unit_stride(g):
                 gw = phases.weight_gather(np, gw, g)
@@ -284,12 +297,13 @@ class CPUEngine:
         np.copyto(out.reshape(view.shape), view)   # splitting an axis: always a view
         return out
 
-    def _forward_flat(self, x, w, g, dt, y, first=False):
+    def _forward_flat(self, x, w, g, dt, y, mode="flat"):
         """y[...] = conv(x, w) for a stride-1 geometry, one sample at a time.
 
         Channels-last inside: columns (width, K*Cx/G) @ weight (K*Cx/G, Cy/G), the
-        orientation BLAS runs fastest when channel counts are small; ``first`` takes
-        the channels-first twin (faster for some grouped and wide shapes: measured).
+        orientation BLAS runs fastest when channel counts are small; mode "flat_cf"
+        takes the channels-first twin (faster for some grouped and wide shapes:
+        measured), "taps" the copy-free per-tap GEMMs.
         """
         pitch, length, block = self._flat_layout(g, dt)
         cg, yg = g.x_channels // g.groups, g.y_channels // g.groups
@@ -298,7 +312,9 @@ class CPUEngine:
             xv = np.asarray(x, dtype=dt).reshape(g.batch, g.groups, cg, -1)
             np.matmul(wm, xv, out=y.reshape(g.batch, g.groups, yg, -1))
             return y
-        if first:
+        if mode == "taps":
+            return self._forward_taps(x, w, g, dt, y)
+        if mode == "flat_cf":
             return self._forward_flat_first(x, w, g, dt, y)
         wl = _weight_last(w, g, dt)                                    # (G, K*Cx/G, Cy/G)
         full = np.empty((g.groups, length, yg), dtype=dt)              # y at padded pitch, channels-last
@@ -317,14 +333,16 @@ class CPUEngine:
             y[n].reshape((g.groups, yg) + g.y_size)[...] = valid
         return y
 
-    def _backward_weight_flat(self, x, gy, g, dt, first=False):
+    def _backward_weight_flat(self, x, gy, g, dt, mode="flat"):
         pitch, length, block = self._flat_layout(g, dt)
         cg, yg = g.x_channels // g.groups, g.y_channels // g.groups
         if _pointwise(g):
             xv = np.asarray(x, dtype=dt).reshape(g.batch, g.groups, cg, -1)
             gyv = np.asarray(gy, dtype=dt).reshape(g.batch, g.groups, yg, -1)
             return np.matmul(gyv, np.swapaxes(xv, 2, 3)).sum(axis=0).reshape(g.w_shape)
-        if first:
+        if mode == "taps":
+            return self._backward_weight_taps(x, gy, g, dt)
+        if mode == "flat_cf":
             return self._backward_weight_flat_first(x, gy, g, dt)
         gwl = np.zeros((g.groups, g.taps * cg, yg), dtype=dt)          # (G, K*Cx/G, Cy/G)
         full = np.zeros((g.groups, length, yg), dtype=dt)               # gy at padded pitch, zero between rows
@@ -395,6 +413,70 @@ class CPUEngine:
                 cols = self._flat_cols_first(flat, g, pitch, q0, width, buf)
                 gw += np.matmul(full[:, :, q0:q0 + width], np.swapaxes(cols, 1, 2))
         return gw.reshape(g.w_shape)
+
+    # ------------------------------------------------------------ taps: a strided GEMM per tap
+
+    def _taps_layout(self, x, g, dt):
+        """x (nb, Cx, *s) zero-padded and flattened with the batch folded into the columns.
+
+        Returns (xf (Cx, nb*P + slack), need, tap offsets, nb*P): output column
+        q = n*P + (its position at the padded pitch) reads xf[:, q + offset] for
+        each tap; the slack after the last sample keeps every shifted view inside.
+        """
+        need = need_extent(g)
+        pitch = [math.prod(need[i + 1:]) for i in range(g.nd)]
+        offsets = [sum(k * d * p for k, d, p in zip(tap, g.dilation, pitch)) for tap in np.ndindex(*g.kernel)]
+        length = g.batch * math.prod(need)
+        xf = np.zeros((g.x_channels, length + offsets[-1]), dtype=dt)
+        # (nb, Cx, *s) -> (Cx, nb, *s) into the (Cx, nb, *need) view of the first columns
+        phases.copy_unpadded(np.swapaxes(x, 0, 1), xf[:, :length].reshape((g.x_channels, g.batch) + need),
+                             g.pad_lo, 0)
+        return xf, need, offsets, length
+
+    def _taps_block(self, rows, itemsize):
+        return max(1024, self.taps_block_bytes // (rows * itemsize))
+
+    def _forward_taps(self, x, w, g, dt, y):
+        """y = conv(x, w), stride 1: per column block, sum over taps of W_t @ xf[:, block + offset_t]."""
+        xf, need, offsets, length = self._taps_layout(x, g, dt)
+        cg, yg, ng = g.x_channels // g.groups, g.y_channels // g.groups, g.groups
+        # (Cy, Cx/G, *k) -> (K, G, Cy/G, Cx/G): one (Cy/G, Cx/G) matrix per tap and group
+        wt = np.ascontiguousarray(np.asarray(w, dtype=dt).reshape(ng, yg, cg, -1).transpose(3, 0, 1, 2))
+        full = np.empty((g.y_channels, length), dtype=dt)        # y at the padded pitch
+        self._note(xf, full)
+        ldx = xf.shape[1]
+        block = self._taps_block(yg, dt.itemsize)
+        for q0 in range(0, length, block):
+            width = min(block, length - q0)
+            for t, off in enumerate(offsets):
+                for j in range(ng):
+                    cpu_blas.gemm(wt, (t * ng + j) * yg * cg, (yg, cg), cg,
+                                  xf, j * cg * ldx + q0 + off, (cg, width), ldx,
+                                  full, j * yg * length + q0, length, 0.0 if t == 0 else 1.0)
+        # (Cy, nb, *need) -> the outputs' leading corner -> (nb, Cy, *out)
+        valid = full.reshape((g.y_channels, g.batch) + need)[phases.leading(g.y_size)]
+        y[...] = np.swapaxes(valid, 0, 1)
+        return y
+
+    def _backward_weight_taps(self, x, gy, g, dt):
+        """gw_t = sum over columns of gy (zero between rows) times xf shifted by tap t."""
+        xf, need, offsets, length = self._taps_layout(x, g, dt)
+        cg, yg, ng = g.x_channels // g.groups, g.y_channels // g.groups, g.groups
+        gyf = np.zeros((g.y_channels, length), dtype=dt)
+        gyf.reshape((g.y_channels, g.batch) + need)[phases.leading(g.y_size)] = np.swapaxes(gy, 0, 1)
+        gwt = np.empty((len(offsets), ng, yg, cg), dtype=dt)     # (K, G, Cy/G, Cx/G)
+        self._note(xf, gyf, gwt)
+        ldx = xf.shape[1]
+        block = self._taps_block(max(yg, cg), dt.itemsize)
+        for q0 in range(0, length, block):
+            width = min(block, length - q0)
+            for t, off in enumerate(offsets):
+                for j in range(ng):
+                    cpu_blas.gemm(gyf, j * yg * length + q0, (yg, width), length,
+                                  xf, j * cg * ldx + q0 + off, (cg, width), ldx,
+                                  gwt, (t * ng + j) * yg * cg, cg, 0.0 if q0 == 0 else 1.0, trans_b=True)
+        # (K, G, Cy/G, Cx/G) -> (G, Cy/G, Cx/G, K) -> (Cy, Cx/G, *k)
+        return np.ascontiguousarray(gwt.transpose(1, 2, 3, 0)).reshape(g.w_shape)
 
     # ------------------------------------------------------------ depthwise: compiled loops
 
