@@ -102,8 +102,19 @@ def emulate_implicit_gemm(plans, w, src, out_size):
     src = np.asarray(src, np.float64)
     if plans[0].a_form == "weight":            # k = s: one GEMM per sample, tables of one sample
         per = out_size // src.shape[0]
-        return np.concatenate([_emulate(plans, w, s, per) for s in src])
+        return np.concatenate([_emulate_dense(plans, w, s, per) for s in src])
     return _emulate(plans, w, src, out_size)
+
+
+def _emulate_dense(plans, w, src, out_size):
+    """The DENSE_B kernel: A is w itself as (K, M), B[k, n] = src[k * N + n] (no tables)."""
+    (p,) = plans
+    K, M, N = p.shape
+    out = np.full(out_size, np.nan)
+    dst = (p.mrow[:, None].astype(np.int64) + p.ccol[None, :]).reshape(-1)
+    assert np.all(np.isnan(out[dst])) and len(np.unique(dst)) == dst.size, "a position written twice"
+    out[dst] = (np.asarray(w, np.float64).reshape(K, M).T @ src.reshape(K, N)).reshape(-1)
+    return out
 
 
 def _emulate(plans, w, src, out_size):

@@ -22,7 +22,8 @@ The GEMM tiling is the classic one: a 128 x 128 block tile, 16-deep k steps
 double-buffered through registers, 8 x 8 results per thread, two blocks per SM; a
 thread's columns are 16 apart, so a warp's stores cover consecutive positions.
 Measured on an H200 with ``scripts/implicit_sweep.py`` (k = s transposed rows of the
-suite, 8.6 GFLOP each): 0.27-0.33 ms against cuDNN's 0.45-1.5 ms and ``phases``' 0.42 ms;
+suite, 8.6 GFLOP each): 0.28-0.30 ms against cuDNN's 0.45-1.5 ms and ``phases``' 0.42 ms
+(0.32-0.34 while the k = s kernel still read its sizes from the ``gemms`` table);
 8-deep k steps were 6% slower, one block per SM 20% slower.  Elsewhere (padded, strided
 3x3 calls) it loses to cuDNN and ``im2col_gemm`` and the autotuner passes it over.
 
@@ -60,31 +61,33 @@ __device__ __forceinline__ float b_at(const float* __restrict__ src, const int4*
 
 // One launch, one GEMM per blockIdx.z (a phase): C (M x N) = A^T B, A dense (K, M);
 // B[k][n] = src[krow[k].x + ncol[n].x] where 0 <= ncol[n].{y,z,w} + krow[k].{y,z,w}
-// < E0, E1, E2, else 0 (DENSE_B: src[k * kstride + ncol[n].x], always inside);
-// C[m][n] -> dst[mrow[m] + ccol[n]].  gemms[z] = K, M, N and the offsets of the
-// phase's A, krow, ncol, mrow, ccol in the concatenated arrays.
+// < E0, E1, E2, else 0; C[m][n] -> dst[mrow[m] + ccol[n]].  gemms[z] = K, M, N and
+// the offsets of the phase's A, krow, ncol, mrow, ccol in the concatenated arrays.
+// DENSE_B (one GEMM per sample): B[k][n] = src[k * kstride + n], always inside, and
+// K, M, N come as arguments: reading them and the offsets from gemms cost 15%.
 extern "C" __global__ void __launch_bounds__(256, MIN_BLOCKS)
 implicit_gemm(const float* __restrict__ a, const float* __restrict__ src, float* __restrict__ dst,
               const int4* __restrict__ krow, const int4* __restrict__ ncol,
               const int* __restrict__ mrow, const int* __restrict__ ccol, const int* __restrict__ gemms,
-              int E0, int E1, int E2, int kstride, long long src_sample, long long dst_sample)
+              int E0, int E1, int E2, int kstride, long long src_sample, long long dst_sample,
+              int Kd, int Md, int Nd)
 {
     __shared__ __align__(16) float As[2][BK][BM];
     __shared__ __align__(16) float Bs[2][BK][BN];
 #if DENSE_B
     // one GEMM per sample (blockIdx.z): the tables cover one sample
-    const int* gp = gemms;
     src += blockIdx.z * src_sample;
     dst += blockIdx.z * dst_sample;
+    const int K = Kd, M = Md, N = Nd;
 #else
     const int* gp = gemms + 8 * blockIdx.z;
-#endif
     const int K = gp[0], M = gp[1], N = gp[2];
+    krow += gp[4];
+    mrow += gp[6];
+    ccol += gp[7];
+#endif
     const int m0 = blockIdx.y * BM, n0 = blockIdx.x * BN;
     if (m0 >= M || n0 >= N) return;
-#if !DENSE_B
-    krow += gp[4];
-#endif
     const int tid = threadIdx.x;
     const int tx = tid & 15, ty = tid >> 4;
 
@@ -92,15 +95,16 @@ implicit_gemm(const float* __restrict__ a, const float* __restrict__ src, float*
     // column lcol, so each warp reads 32 consecutive columns of one row.
     const int lcol = tid & 127, lrow = tid >> 7;
     // an offset, not a moved pointer: pointers kept live through the main loop cost registers
-    const int a_col = gp[3] + m0 + lcol;
     const bool a_in = m0 + lcol < M;
     const bool b_in = n0 + lcol < N;
-    const int4 nc = b_in ? ncol[gp[5] + n0 + lcol] : make_int4(0, 0, 0, 0);
     float ra[LOADS], rb[LOADS];
 
 #if DENSE_B
-#define B_AT(k) ((b_in && (k) < K) ? src[(k) * kstride + nc.x] : 0.f)
+    const int a_col = m0 + lcol;
+#define B_AT(k) ((b_in && (k) < K) ? src[(long long)(k) * kstride + n0 + lcol] : 0.f)
 #else
+    const int a_col = gp[3] + m0 + lcol;
+    const int4 nc = b_in ? ncol[gp[5] + n0 + lcol] : make_int4(0, 0, 0, 0);
 #define B_AT(k) b_at(src, krow, nc, k, K, b_in, E0, E1, E2)
 #endif
 #define LOAD_TILE(k0)                                                                     \
@@ -147,8 +151,6 @@ implicit_gemm(const float* __restrict__ a, const float* __restrict__ src, float*
         buf ^= 1;
     }
 
-    mrow += DENSE_B ? gemms[6] : gemms[8 * blockIdx.z + 6];
-    ccol += DENSE_B ? gemms[7] : gemms[8 * blockIdx.z + 7];
     int col[8];
     #pragma unroll
     for (int j = 0; j < 8; ++j) {
@@ -354,7 +356,7 @@ class ImplicitGemm(Algorithm):
                        if form == "gather" else None)
             found = (form, a_index,
                      tuple(cp.asarray(t) for t in tables), cp.asarray(np.array(gemms, dtype=np.int32)), grid,
-                     tuple(np.int32(e) for e in plans[0].extents))
+                     tuple(np.int32(e) for e in plans[0].extents), tuple(np.int32(v) for v in plans[0].shape))
             self._remember(key, found)
         return found
 
@@ -370,19 +372,19 @@ class ImplicitGemm(Algorithm):
         out = cp.empty(g.y_shape if op == "forward" else g.x_shape, dtype=a.dtype)
         if out.size == 0:
             return out
-        form, a_index, tables, gemms, grid, extents = self._device_plan(cp, op, g)
+        form, a_index, tables, gemms, grid, extents, shape = self._device_plan(cp, op, g)
         if form == "weight":
             weights = b
         else:                       # every GEMM's A, gathered in one pass
             weights = cp.ascontiguousarray(b.reshape(g.y_channels, -1).T) if form == "transposed" \
                 else cp.take(b.reshape(-1), a_index)
             engine._note(weights)
-        dense = form == "weight"    # k = s: B is gy itself, row k = co at k * plane, a GEMM per sample
+        dense = form == "weight"    # k = s: B is gy itself, B[k, n] = gy[k * plane + n], a GEMM per sample
         fn = self._function(cp, dense)
         samples = (np.int64(g.y_channels * math.prod(g.y_size)), np.int64(g.x_channels * math.prod(g.x_size)))
         for n0 in range(0, grid[2], 65535):          # grid z is at most 65535
             n1 = min(grid[2], n0 + 65535)
             fn(grid[:2] + (n1 - n0,), (THREADS,),
                (weights, a[n0:] if dense else a, out[n0:] if dense else out, *tables, gemms, *extents,
-                np.int32(math.prod(g.y_size)), *samples))
+                np.int32(math.prod(g.y_size)), *samples, *shape))
         return out
