@@ -73,6 +73,21 @@ def test_cudnn_module_without_a_gpu():
     assert out.stdout.strip() == "False disabled by NDCONV_DISABLE_CUDNN False (1, 1)"
 
 
+def test_cudnn_is_not_offered_windows_that_miss_the_input():
+    """A window wholly in the padding (or skipping x through dilation) is left to the other
+    algorithms: cuDNN's graph API returned 1e28 for one such weight gradient on an H200."""
+    from ndconv.engine import cudnn
+    from ndconv.geometry import conv_geometry
+
+    def g(x, w, **kw):
+        return conv_geometry(x, w, None, **kw)[0]
+    assert not cudnn.every_window_reads_input(g((2, 1, 1), (1, 1, 2), stride=2, padding=[(2, 1)]))
+    assert not cudnn.every_window_reads_input(g((1, 1, 2), (1, 1, 2), dilation=3, padding=[(1, 1)]))
+    assert not cudnn.every_window_reads_input(g((1, 1, 3, 4), (1, 1, 1, 1), padding=[(0, 0), (0, 1)]))
+    assert cudnn.every_window_reads_input(g((1, 1, 9, 9), (1, 1, 3, 3), padding=2))
+    assert cudnn.every_window_reads_input(g((1, 1, 7), (1, 1, 3), stride=2, dilation=2, padding=[(4, 0)]))
+
+
 def test_cudnn_graph_padding_rule_and_alignment():
     """Pure Python: the graph API's (pre, post) padding and the address alignment it is told."""
     from ndconv.engine import cudnn_graph
