@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .cli import int_at_least
+from .cli import int_at_least, seconds_below
 from .engine.cpu import cpu_model
 
 OPS = ("fwd", "bwd_data", "bwd_weight")
@@ -790,7 +790,7 @@ def add_arguments(parser):
     parser.add_argument("--warmup", type=int_at_least(0), default=None, metavar="N",
                         help="untimed rounds before timing, after the agreement check "
                              f"(default: {DEFAULT_WARMUP['cpu']} on cpu, {DEFAULT_WARMUP['gpu']} on gpu)")
-    parser.add_argument("--settle", type=float, default=None, metavar="SECONDS",
+    parser.add_argument("--settle", type=seconds_below(60), default=None, metavar="SECONDS",
                         help="before each timed call: a pause, then one untimed call of the same "
                              "library, so the other library's spinning worker threads are idle and "
                              f"this one's awake (default: {DEFAULT_SETTLE['cpu']} on cpu, "
@@ -839,8 +839,6 @@ def run(args):
     repeat = args.repeat or DEFAULT_REPEAT[device]
     warmup = DEFAULT_WARMUP[device] if args.warmup is None else args.warmup
     settle = DEFAULT_SETTLE[device] if args.settle is None else args.settle
-    if not (math.isfinite(settle) and 0 <= settle < 60):
-        return _error(f"--settle must be seconds in [0, 60), got {args.settle}")
     threads = (args.threads or os.cpu_count()) if device == "cpu" else None
     with cpu_threads(threads) if threads else contextlib.nullcontext():
         return _bench(args, cases, repeat, warmup, threads, settle)

@@ -4,6 +4,7 @@ Each subcommand module defines ``add_arguments(parser)`` and ``run(args) -> int`
 """
 import argparse
 import importlib
+import math
 import sys
 
 SUBCOMMANDS = {
@@ -13,6 +14,19 @@ SUBCOMMANDS = {
     "solve": ("ndconv.tools.solve", "every (kernel, stride, padding, ...) mapping one size to another"),
     "explain": ("ndconv.tools.explain", "draw what a (transposed) convolution computes"),
 }
+
+
+def seconds_below(limit):
+    """An argparse type: a number of seconds in [0, limit)."""
+    def parse(text):
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not 0 <= value < limit:
+            raise argparse.ArgumentTypeError(f"expected seconds in [0, {limit}), got {text!r}")
+        return value
+    return parse
 
 
 def int_at_least(minimum):
