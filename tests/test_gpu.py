@@ -787,6 +787,12 @@ def test_non_finite_values_propagate():
             # direct sum must still be non-finite.
             assert np.all(~np.isfinite(got[~np.isfinite(ref)]))
             continue
+        if alg in ("im2col_gemm", "flat_gemm") and get_engine(cp.empty(0)).fp32_math == "tf32x3":
+            # tf32x3: inf times a zero lo part of the other operand is NaN, so an output
+            # that is +-inf in float32 may be NaN; no other output becomes non-finite.
+            np.testing.assert_array_equal(np.isfinite(got), np.isfinite(ref))
+            assert np.all(np.isnan(got[np.isnan(ref)]))
+            continue
         np.testing.assert_array_equal(np.isnan(got), np.isnan(ref))
         np.testing.assert_array_equal(np.isinf(got), np.isinf(ref))
 
@@ -1004,8 +1010,9 @@ def test_deconv_module_on_gpu_matches_cpu(modules):
 
 # ====================================================================== cuBLAS strided-batched GEMM
 
-@pytest.mark.parametrize("dtype", ("float32", "float64", "float16"))
-def test_gpu_blas_matmul_layouts(dtype):
+@pytest.mark.parametrize("dtype,fp32_math", [("float32", "ieee"), ("float32", "tf32x3"),
+                                              ("float64", "tf32x3"), ("float16", "tf32x3")])
+def test_gpu_blas_matmul_layouts(dtype, fp32_math):
     from ndconv.engine import gpu_blas
     rng = np.random.default_rng(4)
     tol = {"float32": 1e-5, "float64": 1e-12, "float16": 4e-3}[dtype]
@@ -1022,7 +1029,99 @@ def test_gpu_blas_matmul_layouts(dtype):
         (arr(4, 1, 7), arr(4, 7, 1)),                              # vectors
     ]
     for a, b in cases:
-        got = gpu_blas.matmul(a, b)
         want = np.matmul(host(a).astype(np.float64), host(b).astype(np.float64))
+        got = gpu_blas.matmul(a, b, fp32_math=fp32_math)
         assert got.shape == want.shape and got.dtype == np.dtype(dtype)
         assert relerr(host(got), want) < tol, (a.shape, a.strides, b.shape, b.strides)
+        if gpu_blas.uses_tf32x3(dtype, fp32_math):    # operands split beforehand, added into out
+            out = cp.ones(want.shape, dtype)
+            gpu_blas.matmul(gpu_blas.split(a), gpu_blas.split(b), out=out, accumulate=True)
+            assert relerr(host(out), want + 1) < tol
+
+
+def tf32_split_reference(a):
+    """NumPy's version of gpu_blas.split: round to nearest (ties away) at fraction bit 13."""
+    a = np.asarray(a, np.float32)
+    u = a.view(np.uint32)
+    with np.errstate(over="ignore", invalid="ignore"):
+        hi = ((u + np.uint32(0x1000)) & np.uint32(0xFFFFE000)).view(np.float32)
+        hi = np.where(np.isfinite(hi), hi, (u & np.uint32(0xFFFFE000)).view(np.float32))
+        r = (a - hi).astype(np.float32)
+        lo = ((r.view(np.uint32) + np.uint32(0x1000)) & np.uint32(0xFFFFE000)).view(np.float32)
+    finite = np.isfinite(a)
+    return np.where(finite, hi, a), np.where(finite, lo, np.float32(0))
+
+
+def test_tf32_split_bits():
+    from ndconv.engine import gpu_blas
+    rng = np.random.default_rng(7)
+    fmax = np.finfo(np.float32).max
+    special = np.array([0.0, -0.0, 1.0, -1.0, 1 + 2.0 ** -11, 1 + 2.0 ** -10, 1 + 3 * 2.0 ** -11, fmax, -fmax,
+                        np.inf, -np.inf, np.nan, 1e-40, -1e-45, 2.0 ** -126], np.float32)
+    a = np.concatenate([special, rng.standard_normal(4096).astype(np.float32),
+                        (rng.standard_normal(4096) * 10.0 ** rng.integers(-30, 30, 4096)).astype(np.float32)])
+    hi, lo = (host(p) for p in gpu_blas.split(cp.asarray(a)))
+    want_hi, want_lo = tf32_split_reference(a)
+    np.testing.assert_array_equal(hi.view(np.uint32), want_hi.view(np.uint32))
+    np.testing.assert_array_equal(lo.view(np.uint32), want_lo.view(np.uint32))
+    finite = np.isfinite(a) & (np.abs(a) > 1e-30)
+    # both parts carry at most 11 significant bits; together they hold a to 2^-21
+    assert not np.any(hi.view(np.uint32) & 0x1FFF) and not np.any(lo.view(np.uint32) & 0x1FFF)
+    err = np.abs(hi[finite].astype(np.float64) + lo[finite] - a[finite]) / np.abs(a[finite])
+    assert err.max() <= 2.0 ** -21
+    # the im2col kernel's split is the same function
+    g = geometry((1, 1, a.size), (1, 1, 1))
+    eng = GPUEngine(fp32_math="tf32x3")
+    cols = ALGORITHMS.get("im2col_gemm")._columns(eng, cp.asarray(a[None, None]), g, 0, 1, 0, a.size, np.dtype("float32"))
+    np.testing.assert_array_equal(host(cols.hi).ravel().view(np.uint32), want_hi.view(np.uint32))
+    np.testing.assert_array_equal(host(cols.lo).ravel().view(np.uint32), want_lo.view(np.uint32))
+
+
+def test_tf32x3_is_as_accurate_as_sgemm():
+    """Three TF32 GEMMs on split operands err like one SGEMM; one TF32 GEMM errs ~1000x more
+    (which is what this test would catch if the split or an operand order were wrong)."""
+    from ndconv.engine import gpu_blas
+    rng = np.random.default_rng(8)
+    a = rng.standard_normal((2, 96, 4096)).astype(np.float32)
+    b = rng.standard_normal((2, 4096, 80)).astype(np.float32)
+    want = np.matmul(a.astype(np.float64), b.astype(np.float64))
+    da, db = cp.asarray(a), cp.asarray(b)
+    ieee = relerr(host(gpu_blas.matmul(da, db, fp32_math="ieee")), want)
+    x3 = relerr(host(gpu_blas.matmul(da, db, fp32_math="tf32x3")), want)
+    one = cp.empty(want.shape, np.float32)
+    gpu_blas._gemm(da, db, one, False, True)                  # a single TF32 GEMM
+    single = relerr(host(one), want)
+    assert x3 <= 2 * ieee + 1e-7, (x3, ieee)
+    assert single > 50 * x3, (single, x3)
+
+
+def test_fp32_math_argument(monkeypatch):
+    with pytest.raises(ValueError, match=r"fp32_math=.tf32\'"):
+        GPUEngine(fp32_math="tf32")
+    eng = GPUEngine(fp32_math="ieee")
+    assert eng.fp32_math == "ieee"
+    with pytest.raises(ValueError, match="fp32_math"):
+        eng.fp32_math = None
+    assert eng.fp32_math == "ieee"
+    monkeypatch.setenv("NDCONV_GPU_FP32", "ieee")
+    assert GPUEngine().fp32_math == "ieee"
+    monkeypatch.delenv("NDCONV_GPU_FP32")
+    assert GPUEngine().fp32_math == "tf32x3"
+    monkeypatch.setenv("NDCONV_GPU_FP32", "fast")
+    with pytest.raises(ValueError, match="fast"):
+        GPUEngine()
+
+
+@pytest.mark.parametrize("alg", ["im2col_gemm", "flat_gemm"])
+@pytest.mark.parametrize("fp32_math", ["ieee", "tf32x3"])
+def test_gemm_algorithms_under_both_fp32_maths(alg, fp32_math):
+    rng = np.random.default_rng(9)
+    cpu = CPUEngine()
+    for g in (geometry((3, 8, 13, 11), (12, 4, 3, 2), padding=(1, 0), dilation=(1, 2), groups=2),
+              geometry((2, 16, 9, 7, 6), (8, 16, 2, 3, 3), padding=1)):
+        x, w, gy = (rand(rng, s, "float32") for s in (g.x_shape, g.w_shape, g.y_shape))
+        eng = GPUEngine(algorithm=alg, fp32_math=fp32_math)
+        for op, args in (("forward", (x, w)), ("backward_input", (gy, w)), ("backward_weight", (x, gy))):
+            got = host(getattr(eng, op)(*(cp.asarray(a) for a in args), g))
+            want = getattr(cpu, op)(*(a.astype(np.float64) for a in args), g)
+            assert relerr(got, want) < TOL["float32"], (alg, fp32_math, op)

@@ -153,6 +153,9 @@ def _i64(v):
     return np.int64(v)
 
 
+_NULL = np.uint64(0)     # a null pointer argument
+
+
 # ------------------------------------------------------------------ algorithms
 
 class Im2colGemm(Algorithm):
@@ -175,8 +178,10 @@ class Im2colGemm(Algorithm):
     def _chunks(engine, g, itemsize):
         """Split (batch, first output dim) so that one chunk's temporaries fit the limit."""
         rest = math.prod(g.y_size[1:])
-        # columns + (result or transposed rows of y), per output row of one sample
-        per_row = itemsize * rest * (g.x_channels * g.taps + 2 * g.y_channels)
+        # columns + transposed rows of y (each with its two TF32 parts under tf32x3)
+        # + the result, per output row of one sample
+        copies = 3 if gpu_blas.uses_tf32x3(np.float32 if itemsize == 4 else np.float64, engine.fp32_math) else 1
+        per_row = itemsize * rest * (copies * (g.x_channels * g.taps + g.y_channels) + g.y_channels)
         per_sample = per_row * g.y_size[0]
         limit = engine.workspace_limit
         if per_sample <= limit:
@@ -190,17 +195,21 @@ class Im2colGemm(Algorithm):
                 yield n0, n0 + 1, a, min(g.y_size[0], a + rows)
 
     @staticmethod
-    def _columns(x, g, n0, n1, a, b, dt):
+    def _columns(engine, x, g, n0, n1, a, b, dt):
+        """The columns (G, Cx/G*K, nb*P) of batch n0:n1, output rows a:b; under tf32x3
+        a gpu_blas.Split of them, written by the same kernel."""
         nb, rows = n1 - n0, b - a
         p = rows * math.prod(g.y_size[1:])
-        cols = cp.empty((g.groups, (g.x_channels // g.groups) * g.taps, nb * p), dtype=dt)
+        split = gpu_blas.uses_tf32x3(dt, engine.fp32_math)
+        cols = cp.empty((2 if split else 1, g.groups, (g.x_channels // g.groups) * g.taps, nb * p), dtype=dt)
         q, r = nb * p, g.x_channels * g.taps
         # y: one block row per column row (c, tap); x: the (n, p) of that row
         threads = min(_THREADS, 32 * -(-q // 32))
         grid = (min(-(-q // threads), _MAX_BLOCKS), min(r, 65535))
+        lo = cols[1] if split else _NULL
         _kernel(g.nd, x.dtype, "im2col", _fits32(x, cols))(
-            grid, (threads,), (x, cols, _geometry_params(g), _i64(n0), _i64(nb), _i64(a), _i64(rows)))
-        return cols
+            grid, (threads,), (x, cols, lo, _geometry_params(g), _i64(n0), _i64(nb), _i64(a), _i64(rows)))
+        return gpu_blas.Split(cols[0], cols[1]) if split else cols[0]
 
     @staticmethod
     def _rows_t(gy, g, n0, n1, a, b, dt):
@@ -215,12 +224,12 @@ class Im2colGemm(Algorithm):
         wm = w.reshape(g.groups, g.y_channels // g.groups, -1).astype(dt, copy=False)
         if pointwise(g):   # the columns are x itself: one batched GEMM, no im2col
             xv = x.reshape(g.batch, g.groups, g.x_channels // g.groups, -1).astype(dt, copy=False)
-            return _per_group(wm, xv).astype(x.dtype, copy=False).reshape(g.y_shape)  # (N, G, Cy/G, P)
+            return _per_group(wm, xv, engine.fp32_math).astype(x.dtype, copy=False).reshape(g.y_shape)  # (N, G, Cy/G, P)
         y = cp.empty(g.y_shape, dtype=x.dtype)
         for n0, n1, a, b in self._chunks(engine, g, dt.itemsize):
-            cols = self._columns(x, g, n0, n1, a, b, dt)
-            res = gpu_blas.matmul(wm, cols)                        # (G, Cy/G, nb*P)
-            engine._note(cols, res)
+            cols = self._columns(engine, x, g, n0, n1, a, b, dt)
+            res = gpu_blas.matmul(wm, cols, fp32_math=engine.fp32_math)   # (G, Cy/G, nb*P)
+            engine._note(res, *(gpu_blas.parts(cols) or (cols,)))
             del cols
             res = res.reshape((g.y_channels, n1 - n0, b - a) + g.y_size[1:])
             y[n0:n1, :, a:b] = res.swapaxes(0, 1)
@@ -233,12 +242,12 @@ class Im2colGemm(Algorithm):
         wt = cp.ascontiguousarray(wt.transpose(0, 2, 1))          # (G, Cx/G*K, Cy/G)
         if pointwise(g):
             gyv = gy.reshape(g.batch, g.groups, g.y_channels // g.groups, -1).astype(dt, copy=False)
-            return _per_group(wt, gyv).astype(gy.dtype, copy=False).reshape(g.x_shape)  # (N, G, Cx/G, P)
+            return _per_group(wt, gyv, engine.fp32_math).astype(gy.dtype, copy=False).reshape(g.x_shape)  # (N, G, Cx/G, P)
         params = _geometry_params(g)
         buf = None
         for n0, n1, a, b in self._chunks(engine, g, dt.itemsize):
             gyt = self._rows_t(gy, g, n0, n1, a, b, dt)
-            gcols = gpu_blas.matmul(wt, gyt)                       # (G, Cx/G*K, nb*P)
+            gcols = gpu_blas.matmul(wt, gyt, fp32_math=engine.fp32_math)  # (G, Cx/G*K, nb*P)
             engine._note(gyt, gcols)
             del gyt
             if (a, b) == (0, g.y_size[0]):
@@ -269,14 +278,15 @@ class Im2colGemm(Algorithm):
             # per sample (G, Cy/G, P) @ (G, P, Cx/G), summed over the batch in a fixed order
             gyv = gy.reshape(g.batch, g.groups, g.y_channels // g.groups, -1).astype(dt, copy=False)
             xv = x.reshape(g.batch, g.groups, g.x_channels // g.groups, -1).astype(dt, copy=False)
-            gw = _per_group(gyv, xv.transpose(0, 1, 3, 2)).sum(axis=0)
+            gw = _per_group(gyv, xv.transpose(0, 1, 3, 2), engine.fp32_math).sum(axis=0)
             return gw.reshape(g.w_shape).astype(x.dtype, copy=False)
         gw = None
         for n0, n1, a, b in self._chunks(engine, g, dt.itemsize):
-            cols = self._columns(x, g, n0, n1, a, b, dt)           # (G, Cx/G*K, nb*P)
-            gyt = self._rows_t(gy, g, n0, n1, a, b, dt)            # (G, Cy/G, nb*P)
-            engine._note(cols, gyt)
-            part = gpu_blas.matmul(gyt, cols.transpose(0, 2, 1))   # (G, Cy/G, Cx/G*K)
+            cols = self._columns(engine, x, g, n0, n1, a, b, dt)   # (G, Cx/G*K, nb*P)
+            gyt = gpu_blas.presplit(self._rows_t(gy, g, n0, n1, a, b, dt), engine.fp32_math)  # (G, Cy/G, nb*P)
+            engine._note(*(gpu_blas.parts(gyt) or (gyt,)), *(gpu_blas.parts(cols) or (cols,)))
+            colt = gpu_blas.view(cols, lambda c: c.transpose(0, 2, 1))
+            part = gpu_blas.matmul(gyt, colt, fp32_math=engine.fp32_math)   # (G, Cy/G, Cx/G*K)
             gw = part if gw is None else gw + part
         return gw.reshape(g.w_shape).astype(x.dtype, copy=False)
 
@@ -324,7 +334,7 @@ class DepthwiseDirect(Algorithm):
         return gw
 
 
-def _per_group(a, b):
+def _per_group(a, b, fp32_math):
     """``a @ b`` per group: ``a`` is (G, M, K) or (N, G, M, K), ``b`` is (N, G, K, P).
 
     One strided-batched cuBLAS call per group (the batch runs over N); many small
@@ -334,7 +344,8 @@ def _per_group(a, b):
     per_sample = a.ndim == 4
     if groups > 8:
         return cp.matmul(a, b)
-    parts = [gpu_blas.matmul(a[:, i] if per_sample else a[i:i + 1], b[:, i]) for i in range(groups)]
+    parts = [gpu_blas.matmul(a[:, i] if per_sample else a[i:i + 1], b[:, i], fp32_math=fp32_math)
+             for i in range(groups)]
     return parts[0][:, None] if groups == 1 else cp.stack(parts, axis=1)
 
 
@@ -415,14 +426,19 @@ class GPUEngine:
     registry's priority order.  ``autotune=True`` (or ``NDCONV_AUTOTUNE=1``) tunes each
     new (op, geometry, dtype) on its first call instead.  ``tuner`` is the
     :class:`~ndconv.engine.autotune.Autotuner` holding the choices (default: one shared
-    tuner whose file lives in the user's cache directory).
+    tuner whose file lives in the user's cache directory).  ``fp32_math`` picks how
+    float32 GEMMs run (see :attr:`fp32_math`).
     """
 
     name = "gpu"
 
     def __init__(self, workspace_limit=DEFAULT_WORKSPACE, algorithm=None, deterministic=True,
-                 autotune=None, tuner=None):
+                 autotune=None, tuner=None, fp32_math=None):
         self.workspace_limit = workspace_limit
+        if fp32_math is None:
+            import os
+            fp32_math = os.environ.get("NDCONV_GPU_FP32", "") or "tf32x3"
+        self.fp32_math = fp32_math
         self.peak_temp_bytes = 0
         self.deterministic = bool(deterministic)
         self.algorithms = ALGORITHMS
@@ -451,6 +467,20 @@ class GPUEngine:
             raise TypeError(f"tuner must be an ndconv.engine.autotune.Autotuner or None, got tuner={value!r}")
         self._tuner = value
         self._untuned.clear()
+
+    @property
+    def fp32_math(self):
+        """How float32 GEMMs run: ``"tf32x3"`` (the default: tensor cores at float32
+        accuracy, see :mod:`.gpu_blas`) or ``"ieee"`` (plain SGEMM).  The environment
+        variable ``NDCONV_GPU_FP32`` sets the default of new engines."""
+        return self._fp32_math
+
+    @fp32_math.setter
+    def fp32_math(self, value):
+        self._fp32_math = gpu_blas.check_fp32_math(value)
+        if hasattr(self, "_untuned"):
+            self._untuned.clear()
+            self._tuned.clear()
 
     @property
     def workspace_limit(self):
@@ -588,7 +618,8 @@ class GPUEngine:
     def _call_key(self, op, g, dtype):
         # Arrays reach the algorithms C-contiguous (see _prepare), hence one layout.
         return autotune.call_key(op, g, np.dtype(dtype).name, layout="contiguous",
-                                 deterministic=self.deterministic, workspace_limit=self.workspace_limit)
+                                 deterministic=self.deterministic, workspace_limit=self.workspace_limit,
+                                 fp32_math=self.fp32_math)
 
     def _tuner_context(self):
         return self.tuner, device_context(cp.cuda.runtime.getDevice())

@@ -105,12 +105,25 @@ __device__ __forceinline__ void next_tap(I* k, const GeoT<I>& g) {
     for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < (total); \
          i += (i64)blockDim.x * gridDim.x)
 
+// The two TF32 parts of a float (see gpu_blas: round to nearest at fraction bit 13;
+// infinities and NaN keep lo = 0).  Doubles are never split: hi = v, lo = 0.
+__device__ __forceinline__ void tf32_split(float v, float& hi, float& lo) {
+    if (!isfinite(v)) { hi = v; lo = 0.0f; return; }
+    const unsigned int u = __float_as_uint(v);
+    float h = __uint_as_float((u + 0x1000u) & 0xffffe000u);
+    if (!isfinite(h)) h = __uint_as_float(u & 0xffffe000u);
+    hi = h;
+    lo = __uint_as_float((__float_as_uint(v - h) + 0x1000u) & 0xffffe000u);
+}
+__device__ __forceinline__ void tf32_split(double v, double& hi, double& lo) { hi = v; lo = 0.0; }
+
 // ------------------------------------------------------------------ im2col / col2im
 
 // cols[r = c*K + tap, n, p] = x[n0+n, c, o*S - L + k*D] (zero outside), where p runs
 // over output rows a..a+rows (first dim) and all of the other output dims.  Grid:
 // y over the rows r (the tap's offsets are worked out once per row), x over (n, p).
-extern "C" __global__ void im2col(const T* __restrict__ x, ACC* __restrict__ cols,
+// With ``lo`` (not null) cols gets each value's TF32 hi part and lo its lo part.
+extern "C" __global__ void im2col(const T* __restrict__ x, ACC* __restrict__ cols, ACC* __restrict__ lo,
                                   const i64* __restrict__ gp, i64 n0_, i64 nb_, i64 a_, i64 rows_) {
     const GeoT<ix> g = load_geo<ix>(gp);
     const ix n0 = (ix)n0_, nb = (ix)nb_, a = (ix)a_;
@@ -149,7 +162,14 @@ extern "C" __global__ void im2col(const T* __restrict__ x, ACC* __restrict__ col
                 for (int d = 0; d < ND; ++d) off = off * g.X[d] + pos[d];
                 v = ld(x, off);
             }
-            out[q] = v;
+            if (lo) {
+                ACC h, l;
+                tf32_split(v, h, l);
+                out[q] = h;
+                lo[(i64)r * Q + q] = l;
+            } else {
+                out[q] = v;
+            }
         }
     }
 }
