@@ -18,7 +18,7 @@ cp, pytestmark = cupy_and_marks()
 
 import ndconv  # noqa: E402
 from ndconv import functional as F  # noqa: E402
-from ndconv.engine import cudnn, get_engine  # noqa: E402
+from ndconv.engine import cudnn, get_engine, gpu_blas  # noqa: E402
 from ndconv.engine.cpu import CPUEngine  # noqa: E402
 from ndconv.engine.gpu import ALGORITHMS, GPUEngine  # noqa: E402
 from ndconv.engine.registry import OPS  # noqa: E402
@@ -28,6 +28,8 @@ from ndconv.geometry import ConvGeometry, conv_geometry, conv_transpose_geometry
 # minutes compiling; tests/test_gpu_plane.py covers it.
 ALGOS = tuple(name for name in ALGORITHMS.names() if name != "plane")
 DTYPES = ("float64", "float32", "float16")
+# what the GEMM algorithms are called in float32 where TF32 tensor cores exist
+IM2COL32, FLAT32 = ("im2col_tf32x3", "flat_tf32x3") if gpu_blas.has_tf32() else ("im2col_gemm", "flat_gemm")
 TOL = {"float64": 1e-11, "float32": 1e-5, "float16": 4e-3}
 
 
@@ -266,9 +268,9 @@ def test_float32_against_torch_float32(tcuda, gpu, alg):
     if alg.startswith("cudnn") and not cudnn.available():
         pytest.skip(f"cuDNN is not installed: {cudnn.load_error()}")
     case = dict(kind="conv", x=(4, 8, 12, 12), w=(8, 1, 3, 3), padding=1, groups=8)
-    if alg in ("im2col_gemm", "cudnn", "cudnn_graph", "phases"):
+    if alg in ("im2col_gemm", "im2col_tf32x3", "cudnn", "cudnn_graph", "phases"):
         case = dict(kind="conv", x=(4, 8, 12, 12), w=(6, 4, 3, 3), stride=2, padding=1, groups=2)
-    if alg == "flat_gemm":
+    if alg in ("flat_gemm", "flat_tf32x3"):
         case = dict(kind="conv", x=(4, 8, 12, 12), w=(6, 4, 3, 2), dilation=(1, 2), padding=(2, 1), groups=2)
     if alg == "space_to_batch":
         case = dict(kind="conv", x=(4, 8, 12, 12), w=(6, 4, 3, 3), dilation=(2, 3), padding=2, groups=2)
@@ -619,7 +621,7 @@ def test_heuristic_and_forcing(gpu):
     for op in OPS:
         assert eng.choose(op, dw, np.float32).name == "plane"      # preferred untuned
         assert eng.choose(op, grouped, np.float32).name == "plane"
-        assert eng.choose(op, dense, np.float32).name == (first or "im2col_gemm")
+        assert eng.choose(op, dense, np.float32).name == (first or IM2COL32)
     with eng.force("forward", "im2col_gemm"):
         assert eng.choose("forward", dw, np.float32).name == "im2col_gemm"
         assert eng.choose("backward_input", dw, np.float32).name == "plane"
@@ -688,9 +690,12 @@ def test_space_to_batch_is_the_untuned_choice_for_dilated_dense_calls():
 def test_flat_gemm_is_the_untuned_weight_gradient_outside_2d():
     eng = GPUEngine()
     for g in (geometry((2, 8, 6, 6, 6), (8, 8, 3, 3, 3), padding=1), geometry((2, 8, 40), (8, 8, 3), padding=1)):
-        assert eng.choose("backward_weight", g, np.float32).name == "flat_gemm"
-        assert eng.choose("forward", g, np.float32).name != "flat_gemm"
-    assert eng.choose("backward_weight", geometry((2, 8, 6, 6), (8, 8, 3, 3)), np.float32).name != "flat_gemm"
+        assert eng.choose("backward_weight", g, np.float32).name == FLAT32
+        assert eng.choose("backward_weight", g, np.float64).name == "flat_gemm"
+        assert eng.choose("forward", g, np.float32).name != FLAT32
+    assert eng.choose("backward_weight", geometry((2, 8, 6, 6), (8, 8, 3, 3)), np.float32).name != FLAT32
+    ieee = GPUEngine(fp32_math="ieee")
+    assert ieee.choose("backward_weight", g, np.float32).name == "flat_gemm"
 
 
 def test_optimize_caches_a_choice():
@@ -787,7 +792,7 @@ def test_non_finite_values_propagate():
             # direct sum must still be non-finite.
             assert np.all(~np.isfinite(got[~np.isfinite(ref)]))
             continue
-        if alg in ("im2col_gemm", "flat_gemm") and get_engine(cp.empty(0)).fp32_math == "tf32x3":
+        if ALGORITHMS.get(alg).fp32_math == "tf32x3":
             # tf32x3: inf times a zero lo part of the other operand is NaN, so an output
             # that is +-inf in float32 may be NaN; no other output becomes non-finite.
             np.testing.assert_array_equal(np.isfinite(got), np.isfinite(ref))
@@ -921,7 +926,7 @@ def test_seed_001_functional_on_gpu(kw, expected):
         # the rewriting algorithms take only strided (phases) or dilated (space_to_batch)
         # calls, flat_gemm only unit strides: every other one must take every seed call
         if not ALGORITHMS.get(alg).supports("forward", g, np.float32):
-            assert alg in ("phases", "space_to_batch", "flat_gemm"), alg
+            assert alg in ("phases", "space_to_batch", "flat_gemm", "flat_tf32x3"), alg
             continue
         with get_engine(w).force(None, alg):
             y = F.conv2d(cp.asarray(_seed_data()), w, **args)
@@ -1027,6 +1032,7 @@ def test_gpu_blas_matmul_layouts(dtype, fp32_math):
         (arr(3, 7, 5).transpose(0, 2, 1), arr(3, 4, 7).transpose(0, 2, 1)),   # both stored transposed
         (arr(2, 5, 9)[:, :, 1:8], arr(2, 7, 4)),                   # rows with a gap: copied first
         (arr(4, 1, 7), arr(4, 7, 1)),                              # vectors
+        (arr(2, 40, 3), arr(1, 3, 50)),                            # small K: one GEMM of 3K under tf32x3
     ]
     for a, b in cases:
         want = np.matmul(host(a).astype(np.float64), host(b).astype(np.float64))
@@ -1034,9 +1040,13 @@ def test_gpu_blas_matmul_layouts(dtype, fp32_math):
         assert got.shape == want.shape and got.dtype == np.dtype(dtype)
         assert relerr(host(got), want) < tol, (a.shape, a.strides, b.shape, b.strides)
         if gpu_blas.uses_tf32x3(dtype, fp32_math):    # operands split beforehand, added into out
-            out = cp.ones(want.shape, dtype)
-            gpu_blas.matmul(gpu_blas.split(a), gpu_blas.split(b), out=out, accumulate=True)
-            assert relerr(host(out), want + 1) < tol
+            for sa, sb in ((gpu_blas.split(a), gpu_blas.split(b)), (gpu_blas.split(a), b),
+                           (gpu_blas.stack_a(a, 2), gpu_blas.stack_b(b, 2)),
+                           (gpu_blas.stack_a(a, 3), gpu_blas.stack_b(b, 3)),
+                           (gpu_blas.stack_a(a, 3), gpu_blas.stack_b(b, 2)), (a, gpu_blas.stack_b(b, 3))):
+                out = cp.ones(want.shape, dtype)
+                gpu_blas.matmul(sa, sb, out=out, accumulate=True)
+                assert relerr(host(out), want + 1) < tol, (type(sa).__name__, type(sb).__name__)
 
 
 def tf32_split_reference(a):
@@ -1071,8 +1081,7 @@ def test_tf32_split_bits():
     assert err.max() <= 2.0 ** -21
     # the im2col kernel's split is the same function
     g = geometry((1, 1, a.size), (1, 1, 1))
-    eng = GPUEngine(fp32_math="tf32x3")
-    cols = ALGORITHMS.get("im2col_gemm")._columns(eng, cp.asarray(a[None, None]), g, 0, 1, 0, a.size, np.dtype("float32"))
+    cols = ALGORITHMS.get("im2col_tf32x3")._columns(cp.asarray(a[None, None]), g, 0, 1, 0, a.size, np.dtype("float32"))
     np.testing.assert_array_equal(host(cols.hi).ravel().view(np.uint32), want_hi.view(np.uint32))
     np.testing.assert_array_equal(host(cols.lo).ravel().view(np.uint32), want_lo.view(np.uint32))
 
@@ -1112,9 +1121,11 @@ def test_fp32_math_argument(monkeypatch):
         GPUEngine()
 
 
-@pytest.mark.parametrize("alg", ["im2col_gemm", "flat_gemm"])
+@pytest.mark.parametrize("alg", ["im2col_gemm", "im2col_tf32x3", "flat_gemm", "flat_tf32x3"])
 @pytest.mark.parametrize("fp32_math", ["ieee", "tf32x3"])
 def test_gemm_algorithms_under_both_fp32_maths(alg, fp32_math):
+    """A forced algorithm runs whatever the engine's fp32_math; unforced, an "ieee" engine
+    never picks a tensor-core one."""
     rng = np.random.default_rng(9)
     cpu = CPUEngine()
     for g in (geometry((3, 8, 13, 11), (12, 4, 3, 2), padding=(1, 0), dilation=(1, 2), groups=2),
@@ -1125,3 +1136,7 @@ def test_gemm_algorithms_under_both_fp32_maths(alg, fp32_math):
             got = host(getattr(eng, op)(*(cp.asarray(a) for a in args), g))
             want = getattr(cpu, op)(*(a.astype(np.float64) for a in args), g)
             assert relerr(got, want) < TOL["float32"], (alg, fp32_math, op)
+            free = GPUEngine(fp32_math=fp32_math, autotune=True)
+            getattr(free, op)(*(cp.asarray(a) for a in args), g)
+            used = ALGORITHMS.get(free.last_algorithm[op])
+            assert fp32_math == "tf32x3" or used.fp32_math == "ieee", used

@@ -163,7 +163,14 @@ class Im2colGemm(Algorithm):
 
     name = "im2col_gemm"
 
+    def __init__(self, fp32_math="ieee"):
+        self.fp32_math = gpu_blas.check_fp32_math(fp32_math)
+        if fp32_math == "tf32x3":
+            self.name = "im2col_tf32x3"
+
     def supports(self, op, g, dtype):
+        if self.fp32_math == "tf32x3" and not gpu_blas.uses_tf32x3(dtype, "tf32x3"):
+            return False
         return op in OPS and g.nd in (1, 2, 3) and np.dtype(dtype).name in _FLOATS
 
     def preferred(self, op, g, dtype):
@@ -174,13 +181,12 @@ class Im2colGemm(Algorithm):
     def run(self, engine, op, a, b, g):
         return getattr(self, "_" + op)(engine, a, b, g)
 
-    @staticmethod
-    def _chunks(engine, g, itemsize):
+    def _chunks(self, engine, g, itemsize):
         """Split (batch, first output dim) so that one chunk's temporaries fit the limit."""
         rest = math.prod(g.y_size[1:])
         # columns + transposed rows of y (each with its two TF32 parts under tf32x3)
         # + the result, per output row of one sample
-        copies = 3 if gpu_blas.uses_tf32x3(np.float32 if itemsize == 4 else np.float64, engine.fp32_math) else 1
+        copies = 3 if self.fp32_math == "tf32x3" and itemsize == 4 else 1
         per_row = itemsize * rest * (copies * (g.x_channels * g.taps + g.y_channels) + g.y_channels)
         per_sample = per_row * g.y_size[0]
         limit = engine.workspace_limit
@@ -194,22 +200,31 @@ class Im2colGemm(Algorithm):
             for a in range(0, g.y_size[0], rows):
                 yield n0, n0 + 1, a, min(g.y_size[0], a + rows)
 
-    @staticmethod
-    def _columns(engine, x, g, n0, n1, a, b, dt):
-        """The columns (G, Cx/G*K, nb*P) of batch n0:n1, output rows a:b; under tf32x3
-        a gpu_blas.Split of them, written by the same kernel."""
+    def _columns(self, x, g, n0, n1, a, b, dt, stacked=False):
+        """The columns (G, Cx/G*K, nb*P) of batch n0:n1, output rows a:b.  Under tf32x3
+        the same kernel writes their TF32 parts: a gpu_blas.Stacked right operand
+        ``[hi ; lo]`` per group (``stacked``), else a gpu_blas.Split."""
         nb, rows = n1 - n0, b - a
-        p = rows * math.prod(g.y_size[1:])
-        split = gpu_blas.uses_tf32x3(dt, engine.fp32_math)
-        cols = cp.empty((2 if split else 1, g.groups, (g.x_channels // g.groups) * g.taps, nb * p), dtype=dt)
-        q, r = nb * p, g.x_channels * g.taps
+        q, r = nb * rows * math.prod(g.y_size[1:]), g.x_channels * g.taps
+        per_group = r // g.groups
+        split = gpu_blas.uses_tf32x3(dt, self.fp32_math)
         # y: one block row per column row (c, tap); x: the (n, p) of that row
         threads = min(_THREADS, 32 * -(-q // 32))
         grid = (min(-(-q // threads), _MAX_BLOCKS), min(r, 65535))
-        lo = cols[1] if split else _NULL
-        _kernel(g.nd, x.dtype, "im2col", _fits32(x, cols))(
-            grid, (threads,), (x, cols, lo, _geometry_params(g), _i64(n0), _i64(nb), _i64(a), _i64(rows)))
-        return gpu_blas.Split(cols[0], cols[1]) if split else cols[0]
+        kernel = _kernel(g.nd, x.dtype, "im2col", _fits32(x) and 2 * r * q < 2 ** 31)
+        if not split:
+            cols = cp.empty((g.groups, per_group, q), dtype=dt)
+            kernel(grid, (threads,), (x, cols, _NULL, _i64(1), _i64(0), _geometry_params(g),
+                                      _i64(n0), _i64(nb), _i64(a), _i64(rows)))
+            return cols
+        shape = (g.groups, 2, per_group, q) if stacked else (2, g.groups, per_group, q)
+        cols = cp.empty(shape, dtype=dt)
+        lo = cols[:, 1] if stacked else cols[1]
+        kernel(grid, (threads,), (x, cols, lo, _i64(per_group), _i64(per_group if stacked else 0),
+                                  _geometry_params(g), _i64(n0), _i64(nb), _i64(a), _i64(rows)))
+        if stacked:
+            return gpu_blas.Stacked(cols.reshape(g.groups, 2 * per_group, q), 2)
+        return gpu_blas.Split(cols[0], cols[1])
 
     @staticmethod
     def _rows_t(gy, g, n0, n1, a, b, dt):
@@ -224,11 +239,11 @@ class Im2colGemm(Algorithm):
         wm = w.reshape(g.groups, g.y_channels // g.groups, -1).astype(dt, copy=False)
         if pointwise(g):   # the columns are x itself: one batched GEMM, no im2col
             xv = x.reshape(g.batch, g.groups, g.x_channels // g.groups, -1).astype(dt, copy=False)
-            return _per_group(wm, xv, engine.fp32_math).astype(x.dtype, copy=False).reshape(g.y_shape)  # (N, G, Cy/G, P)
+            return _per_group(wm, xv, self.fp32_math).astype(x.dtype, copy=False).reshape(g.y_shape)  # (N, G, Cy/G, P)
         y = cp.empty(g.y_shape, dtype=x.dtype)
         for n0, n1, a, b in self._chunks(engine, g, dt.itemsize):
-            cols = self._columns(engine, x, g, n0, n1, a, b, dt)
-            res = gpu_blas.matmul(wm, cols, fp32_math=engine.fp32_math)   # (G, Cy/G, nb*P)
+            cols = self._columns(x, g, n0, n1, a, b, dt, stacked=True)
+            res = gpu_blas.matmul(wm, cols, fp32_math=self.fp32_math)   # (G, Cy/G, nb*P)
             engine._note(res, *(gpu_blas.parts(cols) or (cols,)))
             del cols
             res = res.reshape((g.y_channels, n1 - n0, b - a) + g.y_size[1:])
@@ -242,12 +257,12 @@ class Im2colGemm(Algorithm):
         wt = cp.ascontiguousarray(wt.transpose(0, 2, 1))          # (G, Cx/G*K, Cy/G)
         if pointwise(g):
             gyv = gy.reshape(g.batch, g.groups, g.y_channels // g.groups, -1).astype(dt, copy=False)
-            return _per_group(wt, gyv, engine.fp32_math).astype(gy.dtype, copy=False).reshape(g.x_shape)  # (N, G, Cx/G, P)
+            return _per_group(wt, gyv, self.fp32_math).astype(gy.dtype, copy=False).reshape(g.x_shape)  # (N, G, Cx/G, P)
         params = _geometry_params(g)
         buf = None
         for n0, n1, a, b in self._chunks(engine, g, dt.itemsize):
             gyt = self._rows_t(gy, g, n0, n1, a, b, dt)
-            gcols = gpu_blas.matmul(wt, gyt, fp32_math=engine.fp32_math)  # (G, Cx/G*K, nb*P)
+            gcols = gpu_blas.matmul(wt, gyt, fp32_math=self.fp32_math)  # (G, Cx/G*K, nb*P)
             engine._note(gyt, gcols)
             del gyt
             if (a, b) == (0, g.y_size[0]):
@@ -278,15 +293,15 @@ class Im2colGemm(Algorithm):
             # per sample (G, Cy/G, P) @ (G, P, Cx/G), summed over the batch in a fixed order
             gyv = gy.reshape(g.batch, g.groups, g.y_channels // g.groups, -1).astype(dt, copy=False)
             xv = x.reshape(g.batch, g.groups, g.x_channels // g.groups, -1).astype(dt, copy=False)
-            gw = _per_group(gyv, xv.transpose(0, 1, 3, 2), engine.fp32_math).sum(axis=0)
+            gw = _per_group(gyv, xv.transpose(0, 1, 3, 2), self.fp32_math).sum(axis=0)
             return gw.reshape(g.w_shape).astype(x.dtype, copy=False)
         gw = None
         for n0, n1, a, b in self._chunks(engine, g, dt.itemsize):
-            cols = self._columns(engine, x, g, n0, n1, a, b, dt)   # (G, Cx/G*K, nb*P)
-            gyt = gpu_blas.presplit(self._rows_t(gy, g, n0, n1, a, b, dt), engine.fp32_math)  # (G, Cy/G, nb*P)
+            cols = self._columns(x, g, n0, n1, a, b, dt)   # (G, Cx/G*K, nb*P)
+            gyt = gpu_blas.presplit(self._rows_t(gy, g, n0, n1, a, b, dt), self.fp32_math)  # (G, Cy/G, nb*P)
             engine._note(*(gpu_blas.parts(gyt) or (gyt,)), *(gpu_blas.parts(cols) or (cols,)))
             colt = gpu_blas.view(cols, lambda c: c.transpose(0, 2, 1))
-            part = gpu_blas.matmul(gyt, colt, fp32_math=engine.fp32_math)   # (G, Cy/G, Cx/G*K)
+            part = gpu_blas.matmul(gyt, colt, fp32_math=self.fp32_math)   # (G, Cy/G, Cx/G*K)
             gw = part if gw is None else gw + part
         return gw.reshape(g.w_shape).astype(x.dtype, copy=False)
 
@@ -366,10 +381,12 @@ ALGORITHMS.register(CudnnGraph())
 ALGORITHMS.register(ImplicitGemm())
 ALGORITHMS.register(phases.Phases())
 ALGORITHMS.register(phases.SpaceToBatch())
+ALGORITHMS.register(FlatGemm("tf32x3"))
 ALGORITHMS.register(FlatGemm())
 ALGORITHMS.register(Plane())
 ALGORITHMS.register(DepthwiseTiled())
 ALGORITHMS.register(DepthwiseDirect())
+ALGORITHMS.register(Im2colGemm("tf32x3"))
 ALGORITHMS.register(Im2colGemm())
 
 _default_tuner = None
@@ -544,7 +561,7 @@ class GPUEngine:
         found = self._untuned.get(key)
         if found is not None:
             return found
-        candidates = self.algorithms.candidates(op, g, dtype, self.deterministic)
+        candidates = self.algorithms.candidates(op, g, dtype, self.deterministic, self.fp32_math)
         if not candidates:
             raise ValueError(f"no GPU algorithm supports {op} for x {g.x_shape}, weight {g.w_shape}, "
                              f"{dtype}")
@@ -597,7 +614,7 @@ class GPUEngine:
             if key in self._tuned:
                 choice[op] = self._tuned[key]
                 continue
-            found = self.algorithms.candidates(op, g, dtype, self.deterministic)
+            found = self.algorithms.candidates(op, g, dtype, self.deterministic, self.fp32_math)
             if not found:
                 continue
             if len(found) == 1 or 0 in g.x_shape or 0 in g.y_shape or 0 in g.w_shape:
@@ -642,7 +659,7 @@ class GPUEngine:
             if not inner and self._forced.get(op) is not None:
                 raise RuntimeError(f"forced algorithm {alg.name!r} cannot run {op} here: {e}") from e
             # Only found out at run time: remember the next candidate for this call.
-            rest = self.algorithms.candidates(op, g, a.dtype, self.deterministic)
+            rest = self.algorithms.candidates(op, g, a.dtype, self.deterministic, self.fp32_math)
             rest = rest[rest.index(alg) + 1:] if alg in rest else rest
             if not rest:
                 raise

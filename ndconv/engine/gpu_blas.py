@@ -41,10 +41,16 @@ _ZERO = {np.dtype(np.float32): np.array(0, np.float32), np.dtype(np.float64): np
 _GEMM_NAMES = {np.dtype(np.float32): "sgemmStridedBatched", np.dtype(np.float64): "dgemmStridedBatched"}
 _cublas = None
 _tf32_devices = {}
-_split_kernel = None
 
-#: A float32 operand split into its two TF32 parts (arrays of one shape).
+#: A float32 operand split into its two TF32 parts (arrays of one shape, any layout):
+#: its products take three GEMMs.
 Split = namedtuple("Split", "hi lo")
+#: A float32 operand's TF32 parts stacked along K, so that the products take one GEMM
+#: (``blocks`` 3) or two (2, sharing the first 2K): a left operand as ``[lo | hi | hi]``
+#: (B, M, blocks*K), a right one as ``[hi ; lo ; hi]`` (B, blocks*K, N), so that
+#: ``[lo|hi] @ [hi;lo]`` is the two cross terms and ``hi @ hi`` reads the middle of
+#: one and the start of the other.
+Stacked = namedtuple("Stacked", "data blocks")
 
 
 def _lib():
@@ -65,10 +71,13 @@ def check_fp32_math(value, name="fp32_math"):
 
 def has_tf32():
     """True when the current device has TF32 tensor cores (compute capability 8.0 or later)."""
-    dev = cp.cuda.runtime.getDevice()
+    try:
+        dev = cp.cuda.runtime.getDevice()
+    except Exception:       # no driver or no device: nothing runs here anyway
+        return False
     found = _tf32_devices.get(dev)
     if found is None:
-        found = _tf32_devices[dev] = cp.cuda.Device(dev).compute_capability >= "80"
+        found = _tf32_devices[dev] = int(cp.cuda.Device(dev).compute_capability) >= 80
     return found
 
 
@@ -80,16 +89,26 @@ def uses_tf32x3(dtype, fp32_math):
 # The bit operations below are those of tf32_split_reference in the tests: round to
 # nearest (ties away from zero) at fraction bit 13; infinities and NaN keep lo = 0.
 _SPLIT_SOURCE = r"""
-    if (!isfinite(a)) { hi = a; lo = 0.0f; }
-    else {
+    float h = a, l = 0.0f;
+    if (isfinite(a)) {
         unsigned int u = __float_as_uint(a);
-        float h = __uint_as_float((u + 0x1000u) & 0xffffe000u);
+        h = __uint_as_float((u + 0x1000u) & 0xffffe000u);
         if (!isfinite(h)) h = __uint_as_float(u & 0xffffe000u);   // rounding up overflowed
-        float r = a - h;                                             // exact
-        hi = h;
-        lo = __uint_as_float((__float_as_uint(r) + 0x1000u) & 0xffffe000u);
+        l = __uint_as_float((__float_as_uint(a - h) + 0x1000u) & 0xffffe000u);   // a - h is exact
     }
+    hi = h; lo = l;
 """
+_split_kernels = {}
+
+
+def _splitter(copies):
+    """An elementwise kernel writing (hi, lo) or (hi, lo, hi again) of a float32 array."""
+    fn = _split_kernels.get(copies)
+    if fn is None:
+        outs = "float32 hi, float32 lo" + (", float32 hi2" if copies == 3 else "")
+        body = _SPLIT_SOURCE + ("    hi2 = h;\n" if copies == 3 else "")
+        fn = _split_kernels[copies] = cp.ElementwiseKernel("float32 a", outs, body, f"ndconv_tf32_split{copies}")
+    return fn
 
 
 def split(a, out=None):
@@ -97,14 +116,28 @@ def split(a, out=None):
 
     ``out``: a Split of two arrays of ``a``'s shape to write into (views allowed).
     """
-    global _split_kernel
-    if _split_kernel is None:
-        _split_kernel = cp.ElementwiseKernel("float32 a", "float32 hi, float32 lo", _SPLIT_SOURCE,
-                                             "ndconv_tf32_split")
     if out is None:
         out = Split(cp.empty(a.shape, np.float32), cp.empty(a.shape, np.float32))
-    _split_kernel(a, out.hi, out.lo)
+    _splitter(2)(a, out.hi, out.lo)
     return out
+
+
+def stack_a(a, blocks):
+    """A left operand (B, M, K) as :class:`Stacked` ``(B, M, blocks*K)``: ``[lo | hi | hi]``."""
+    k = a.shape[2]
+    data = cp.empty(a.shape[:2] + (blocks * k,), np.float32)
+    parts = (data[:, :, k:2 * k], data[:, :, :k]) + ((data[:, :, 2 * k:],) if blocks == 3 else ())
+    _splitter(blocks)(a, *parts)
+    return Stacked(data, blocks)
+
+
+def stack_b(b, blocks):
+    """A right operand (B, K, N) as :class:`Stacked` ``(B, blocks*K, N)``: ``[hi ; lo ; hi]``."""
+    k = b.shape[1]
+    data = cp.empty((b.shape[0], blocks * k, b.shape[2]), np.float32)
+    parts = (data[:, :k], data[:, k:2 * k]) + ((data[:, 2 * k:],) if blocks == 3 else ())
+    _splitter(blocks)(b, *parts)
+    return Stacked(data, blocks)
 
 
 def presplit(a, fp32_math):
@@ -156,6 +189,16 @@ def _gemm(a, b, out, accumulate, tf32):
              a.data.ptr, lda, sa, beta, out.data.ptr, ldc, sc, batch)
 
 
+def _logical(op, side):
+    """The (B, M, K) or (B, K, N) shape an operand stands for."""
+    if isinstance(op, Split):
+        return op.hi.shape
+    if isinstance(op, Stacked):
+        b, r, c = op.data.shape
+        return (b, r, c // op.blocks) if side == "a" else (b, r // op.blocks, c)
+    return op.shape
+
+
 def matmul(a, b, out=None, accumulate=False, fp32_math="ieee"):
     """``a @ b`` for 3-D arrays ``(B or 1, M, K) @ (B or 1, K, N)`` -> ``(B, M, N)``.
 
@@ -163,29 +206,25 @@ def matmul(a, b, out=None, accumulate=False, fp32_math="ieee"):
     with stride 0); other dtypes and sizes past cuBLAS's int limits fall back to
     ``cupy.matmul``.  ``out`` (optional) is a (B, M, N) view with unit column stride;
     ``accumulate`` adds the product to it (beta = 1).  float32 follows ``fp32_math``
-    (see the module notes); either operand may be a :class:`Split` from
-    :func:`presplit`, whose parts must have the shape and strides the operand would.
-    cuBLAS results are bitwise reproducible run to run, so both stay deterministic.
+    (see the module notes); either operand may come already split, as a
+    :class:`Split` or a :class:`Stacked`, which implies tf32x3.  cuBLAS results are
+    bitwise reproducible run to run, so every path stays deterministic.
     """
-    parts_a, parts_b = isinstance(a, Split), isinstance(b, Split)
-    first_a, first_b = (a.hi if parts_a else a), (b.hi if parts_b else b)
-    batch = max(first_a.shape[0], first_b.shape[0])
-    m, k = first_a.shape[1:]
-    n = first_b.shape[2]
-    dtype = first_a.dtype
-    item = first_a.itemsize
-    if parts_a or parts_b:
-        fp32_math = "tf32x3"
-    direct = (dtype in _GEMM_NAMES and first_b.dtype == dtype and first_b.shape[1] == k
-              and first_a.shape[0] in (1, batch) and first_b.shape[0] in (1, batch)
-              and max(m, n, k, batch) <= _INT_MAX and 0 not in (m, n, k, batch))
+    (ba, m, k), (bb, kb, n) = _logical(a, "a"), _logical(b, "b")
+    batch = max(ba, bb)
+    presplit_ = isinstance(a, (Split, Stacked)) or isinstance(b, (Split, Stacked))
+    dtype = np.dtype(np.float32) if presplit_ else a.dtype
+    item = dtype.itemsize
+    direct = (dtype in _GEMM_NAMES and (presplit_ or b.dtype == dtype) and kb == k and ba in (1, batch)
+              and bb in (1, batch) and 3 * max(m, n, k, batch) <= _INT_MAX and 0 not in (m, n, k, batch))
     if out is not None:
         direct = (direct and out.dtype == dtype and out.shape == (batch, m, n) and out.strides[2] == item
                   and out.strides[1] % item == 0 and out.strides[0] % item == 0
                   and (m == 1 or out.strides[1] >= n * item))
-    tf32 = direct and uses_tf32x3(dtype, fp32_math)
     if not direct:
-        res = cp.matmul(a.hi + a.lo if parts_a else a, b.hi + b.lo if parts_b else b)
+        if presplit_:
+            raise ValueError("gpu_blas.matmul: split operands need a float32 GEMM cuBLAS can run directly")
+        res = cp.matmul(a, b)
         if out is None:
             return res
         if accumulate:
@@ -195,15 +234,28 @@ def matmul(a, b, out=None, accumulate=False, fp32_math="ieee"):
         return out
     if out is None:
         out = cp.empty((batch, m, n), dtype=dtype)
-    if not tf32:
+    if not presplit_ and not uses_tf32x3(dtype, fp32_math):
         _gemm(a, b, out, accumulate, False)
         return out
-    a = a if parts_a else split(a)
-    b = b if parts_b else split(b)
-    # The two small cross terms first, then the large one: each adds into float32.
-    _gemm(a.hi, b.lo, out, accumulate, True)
-    _gemm(a.lo, b.hi, out, True, True)
-    _gemm(a.hi, b.hi, out, True, True)
+    if isinstance(a, Split) or isinstance(b, Split):
+        a = a if isinstance(a, Split) else split(a)
+        b = b if isinstance(b, Split) else split(b)
+        # The two small cross terms first, then the large one, each added in float32.
+        _gemm(a.hi, b.lo, out, accumulate, True)
+        _gemm(a.lo, b.hi, out, True, True)
+        _gemm(a.hi, b.hi, out, True, True)
+        return out
+    # Stacked operands: three blocks cost one more copy of each operand, two blocks one
+    # more pass over the result; take the cheaper.
+    blocks = min(op.blocks for op in (a, b) if isinstance(op, Stacked)) if presplit_ else \
+        (3 if ba * m * k + bb * k * n < 2 * batch * m * n else 2)
+    a = a if isinstance(a, Stacked) else stack_a(a, blocks)
+    b = b if isinstance(b, Stacked) else stack_b(b, blocks)
+    if blocks == 3:
+        _gemm(a.data[:, :, :3 * k], b.data[:, :3 * k], out, accumulate, True)
+    else:
+        _gemm(a.data[:, :, :2 * k], b.data[:, :2 * k], out, accumulate, True)   # lo_a hi_b + hi_a lo_b
+        _gemm(a.data[:, :, k:2 * k], b.data[:, :k], out, True, True)             # + hi_a hi_b
     return out
 
 
@@ -213,5 +265,7 @@ def view(operand, fn):
 
 
 def parts(operand):
-    """The arrays a :class:`Split` holds (none for a plain array), for memory accounting."""
+    """The arrays a split operand holds (none for a plain array), for memory accounting."""
+    if isinstance(operand, Stacked):
+        return (operand.data,)
     return tuple(operand) if isinstance(operand, Split) else ()

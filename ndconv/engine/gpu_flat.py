@@ -48,7 +48,14 @@ class FlatGemm(Algorithm):
     deterministic = True
     max_groups = 64          # past that the per-group GEMMs are too small to pay
 
+    def __init__(self, fp32_math="ieee"):
+        self.fp32_math = gpu_blas.check_fp32_math(fp32_math)
+        if fp32_math == "tf32x3":
+            self.name = "flat_tf32x3"
+
     def supports(self, op, g, dtype):
+        if self.fp32_math == "tf32x3" and not gpu_blas.uses_tf32x3(dtype, "tf32x3"):
+            return False
         if op not in OPS or g.nd not in (1, 2, 3) or np.dtype(dtype).name not in FLOATS:
             return False
         if not phases.unit_stride(g) or g.groups > self.max_groups or g.depthwise:
@@ -72,7 +79,7 @@ class FlatGemm(Algorithm):
         dt = np.dtype(np.float32) if a.dtype == np.float16 else a.dtype
         ext = extent(g)
         # the flat x and y, and under tf32x3 the two parts of the split ones
-        copies = 3 if gpu_blas.uses_tf32x3(dt, engine.fp32_math) else 1
+        copies = 3 if gpu_blas.uses_tf32x3(dt, self.fp32_math) else 1
         per_sample = copies * dt.itemsize * math.prod(ext) * (g.x_channels + g.y_channels)
         compute = getattr(self, "_" + op)
 
@@ -126,12 +133,12 @@ class FlatGemm(Algorithm):
         engine._note(xf, yf)
         out = self._grouped(yf, g.groups, 0, total)
         # Under tf32x3 every tap's GEMM reads views of one split of xf and of w.
-        wt = gpu_blas.presplit(self._taps(w, g, dt), engine.fp32_math)
-        src = gpu_blas.presplit(xf, engine.fp32_math)
+        wt = gpu_blas.presplit(self._taps(w, g, dt), self.fp32_math)
+        src = gpu_blas.presplit(xf, self.fp32_math)
         for tap, off in enumerate(_offsets(g, ext)):
             gpu_blas.matmul(gpu_blas.view(wt, lambda a: a[tap]),
                             gpu_blas.view(src, lambda a: self._grouped(a, g.groups, off, total)),
-                            out=out, accumulate=tap > 0, fp32_math=engine.fp32_math)
+                            out=out, accumulate=tap > 0, fp32_math=self.fp32_math)
         engine._note(xf, yf, *gpu_blas.parts(src))
         y = yf.reshape((g.y_channels, g.batch) + ext)[phases.leading(g.y_size)]
         return cp.ascontiguousarray(y.swapaxes(0, 1), dtype=dt)
@@ -142,12 +149,12 @@ class FlatGemm(Algorithm):
         xf = cp.zeros((g.x_channels, total + self._tail(g, ext)), dtype=dt)
         engine._note(gf, xf)
         wt = self._taps(w, g, dt).transpose(0, 1, 3, 2)             # (K, G, Cx/G, Cy/G)
-        wt = gpu_blas.presplit(cp.ascontiguousarray(wt), engine.fp32_math)
-        src = gpu_blas.presplit(self._grouped(gf, g.groups, 0, total), engine.fp32_math)
+        wt = gpu_blas.presplit(cp.ascontiguousarray(wt), self.fp32_math)
+        src = gpu_blas.presplit(self._grouped(gf, g.groups, 0, total), self.fp32_math)
         for tap, off in enumerate(_offsets(g, ext)):
             gpu_blas.matmul(gpu_blas.view(wt, lambda a: a[tap]), src,
                             out=self._grouped(xf, g.groups, off, total), accumulate=True,
-                            fp32_math=engine.fp32_math)
+                            fp32_math=self.fp32_math)
         engine._note(gf, xf, *gpu_blas.parts(src))
         buf = xf[:, :total].reshape((g.x_channels, g.batch) + ext).swapaxes(0, 1)
         return phases.crop(cp, buf, g, dt)
@@ -163,10 +170,10 @@ class FlatGemm(Algorithm):
         yg, cg = g.y_channels // g.groups, g.x_channels // g.groups
         gw = cp.empty((g.taps, g.groups, yg, cg), dtype=dt)
         engine._note(xf, gf, gw)
-        a = gpu_blas.presplit(self._grouped(gf, g.groups, 0, total), engine.fp32_math)  # (G, Cy/G, N*L)
-        xs = gpu_blas.presplit(xf, engine.fp32_math)
+        a = gpu_blas.presplit(self._grouped(gf, g.groups, 0, total), self.fp32_math)  # (G, Cy/G, N*L)
+        xs = gpu_blas.presplit(xf, self.fp32_math)
         for tap, off in enumerate(_offsets(g, ext)):
             b = gpu_blas.view(xs, lambda v: self._grouped(v, g.groups, off, total).transpose(0, 2, 1))
-            gpu_blas.matmul(a, b, out=gw[tap], fp32_math=engine.fp32_math)  # b: (G, N*L, Cx/G)
+            gpu_blas.matmul(a, b, out=gw[tap], fp32_math=self.fp32_math)  # b: (G, N*L, Cx/G)
         engine._note(xf, gf, gw, *gpu_blas.parts(a), *gpu_blas.parts(xs))
         return gw.transpose(1, 2, 3, 0).reshape(g.w_shape)

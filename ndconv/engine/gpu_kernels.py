@@ -122,9 +122,12 @@ __device__ __forceinline__ void tf32_split(double v, double& hi, double& lo) { h
 // cols[r = c*K + tap, n, p] = x[n0+n, c, o*S - L + k*D] (zero outside), where p runs
 // over output rows a..a+rows (first dim) and all of the other output dims.  Grid:
 // y over the rows r (the tap's offsets are worked out once per row), x over (n, p).
-// With ``lo`` (not null) cols gets each value's TF32 hi part and lo its lo part.
+// With ``lo`` (not null) cols gets each value's TF32 hi part and lo its lo part; row r
+// goes to row r + (r / R) * E of both (E = R: every group's R hi rows followed by its R
+// lo rows, with lo = cols + R * Q; E = 0: plain rows).
 extern "C" __global__ void im2col(const T* __restrict__ x, ACC* __restrict__ cols, ACC* __restrict__ lo,
-                                  const i64* __restrict__ gp, i64 n0_, i64 nb_, i64 a_, i64 rows_) {
+                                  i64 R_, i64 E_, const i64* __restrict__ gp,
+                                  i64 n0_, i64 nb_, i64 a_, i64 rows_) {
     const GeoT<ix> g = load_geo<ix>(gp);
     const ix n0 = (ix)n0_, nb = (ix)nb_, a = (ix)a_;
     ix Yc[ND];
@@ -141,7 +144,8 @@ extern "C" __global__ void im2col(const T* __restrict__ x, ACC* __restrict__ col
             first[d] = (tap % g.K[d]) * g.D[d] - g.L[d] + (d == 0 ? a * g.S[0] : 0);
             tap /= g.K[d];
         }
-        ACC* out = cols + (i64)r * Q;
+        const i64 row = (i64)r + ((i64)r / R_) * E_;
+        ACC* out = cols + row * Q;
         for (ix q = blockIdx.x * blockDim.x + threadIdx.x; q < Q; q += blockDim.x * gridDim.x) {
             ix p = q % P;
             const ix n = q / P;
@@ -166,7 +170,7 @@ extern "C" __global__ void im2col(const T* __restrict__ x, ACC* __restrict__ col
                 ACC h, l;
                 tf32_split(v, h, l);
                 out[q] = h;
-                lo[(i64)r * Q + q] = l;
+                lo[row * Q + q] = l;
             } else {
                 out[q] = v;
             }

@@ -34,6 +34,9 @@ class Algorithm:
     name = "?"
     #: True when the same inputs give bitwise-identical results on every run.
     deterministic = True
+    #: "tf32x3" when float32 products run on TF32 tensor cores at float32 accuracy
+    #: (see ndconv.engine.gpu_blas); engines set to "ieee" leave such algorithms out.
+    fp32_math = "ieee"
 
     def supports(self, op, g, dtype):  # pragma: no cover - interface
         raise NotImplementedError
@@ -77,7 +80,9 @@ class Registry:
         except (KeyError, TypeError):
             raise ValueError(f"algorithm must be one of {self.names()}, got algorithm={name!r}") from None
 
-    def candidates(self, op, g, dtype, deterministic=True):
-        """Algorithms that can do this call, in priority order."""
+    def candidates(self, op, g, dtype, deterministic=True, fp32_math="tf32x3"):
+        """Algorithms that can do this call, in priority order (``fp32_math="ieee"``: none
+        that computes float32 on TF32 tensor cores)."""
         return [a for a in self._algorithms.values()
-                if (a.deterministic or not deterministic) and a.supports(op, g, dtype)]
+                if (a.deterministic or not deterministic) and (fp32_math != "ieee" or a.fp32_math == "ieee")
+                and a.supports(op, g, dtype)]
