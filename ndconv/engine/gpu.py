@@ -169,7 +169,7 @@ class Im2colGemm(Algorithm):
             self.name = "im2col_tf32x3"
 
     def supports(self, op, g, dtype):
-        if self.fp32_math == "tf32x3" and not gpu_blas.uses_tf32x3(dtype, "tf32x3"):
+        if self.fp32_math == "tf32x3" and not gpu_blas.tf32x3_takes(op, g, dtype):
             return False
         return op in OPS and g.nd in (1, 2, 3) and np.dtype(dtype).name in _FLOATS
 

@@ -19,18 +19,26 @@ float32 GEMMs run in one of two ways (``fp32_math``):
     products of TF32 values are exact in float32; what is dropped is ``lo_a @ lo_b``
     and the last rounding of each ``lo``, both below 2^-21 of each product, against
     2^-24 for a float32 product and a far larger error from summing ``K`` of them.
-    This is not TF32 arithmetic (which keeps 10 bits and errs by ~1e-3): the tests
-    hold it to the float32 tolerances.  On an H200 it runs about 3x the SGEMM rate
-    on large GEMMs.  Devices before compute capability 8.0 have no TF32 and use SGEMM.
+    The tensor cores' own additions are less careful than the CUDA cores' FMA,
+    though: measured on an H200 (``tests/test_gpu.py``, random normal operands) the
+    result errs by 1.0e-5 of its norm at K = 4096 where SGEMM errs by 1.2e-6 and one
+    TF32 GEMM by 2.9e-4, and the gap grows with K.  So the tf32x3 algorithms take
+    only calls whose sums have at most ``TF32X3_MAX_K`` products (forward and input
+    gradient of most layers; never a weight gradient, whose sums run over the whole
+    batch).  On an H200 they run large GEMMs at about 3x the SGEMM rate.  Devices
+    before compute capability 8.0 have no TF32 and use SGEMM.
 """
 from __future__ import annotations
 
+import math
 from collections import namedtuple
 
 import cupy as cp
 import numpy as np
 
 FP32_MATH = ("tf32x3", "ieee")
+#: the longest sum (products per result) a tf32x3 algorithm takes
+TF32X3_MAX_K = 4096
 _OP_N, _OP_T = 0, 1
 _INT_MAX = 2 ** 31 - 1
 _CUDA_R_32F = 0
@@ -79,6 +87,20 @@ def has_tf32():
     if found is None:
         found = _tf32_devices[dev] = int(cp.cuda.Device(dev).compute_capability) >= 80
     return found
+
+
+def products_per_result(op, g):
+    """How many products each result of a convolution primitive sums."""
+    if op == "forward":
+        return g.x_channels // g.groups * g.taps
+    if op == "backward_input":
+        return g.y_channels // g.groups * g.taps
+    return g.batch * math.prod(g.y_size)
+
+
+def tf32x3_takes(op, g, dtype):
+    """Whether a tf32x3 algorithm may run this call: float32 on a TF32 device, short sums."""
+    return uses_tf32x3(dtype, "tf32x3") and products_per_result(op, g) <= TF32X3_MAX_K
 
 
 def uses_tf32x3(dtype, fp32_math):

@@ -54,7 +54,7 @@ class FlatGemm(Algorithm):
             self.name = "flat_tf32x3"
 
     def supports(self, op, g, dtype):
-        if self.fp32_math == "tf32x3" and not gpu_blas.uses_tf32x3(dtype, "tf32x3"):
+        if self.fp32_math == "tf32x3" and not gpu_blas.tf32x3_takes(op, g, dtype):
             return False
         if op not in OPS or g.nd not in (1, 2, 3) or np.dtype(dtype).name not in FLOATS:
             return False
