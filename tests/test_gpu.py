@@ -1111,16 +1111,19 @@ def test_tf32x3_accuracy(k):
     assert single > 25 * x3, (single, x3)
 
 
-def test_tf32x3_takes_short_sums_only():
-    dense = geometry((2, 64, 9, 9), (32, 64, 3, 3), padding=1)       # 576 products forward
-    wide = geometry((1, 1024, 9, 9), (8, 1024, 3, 3), padding=1)     # 9216 products forward
+def test_tf32x3_takes_short_gemms_only():
+    dense = geometry((2, 64, 9, 9), (32, 64, 3, 3), padding=1)
+    wide = geometry((1, 1024, 9, 9), (8, 1024, 3, 3), padding=1)
     batch = geometry((64, 8, 9, 9), (8, 8, 3, 3), padding=1)         # 5184 products per weight
     for name in ("im2col_tf32x3", "flat_tf32x3"):
         alg = ALGORITHMS.get(name)
-        assert all(alg.supports(op, dense, np.float32) for op in OPS)   # 162 products per weight
+        assert all(alg.supports(op, dense, np.float32) for op in OPS)
         assert not alg.supports("forward", dense, np.float64) and not alg.supports("forward", dense, np.float16)
-        assert not alg.supports("forward", wide, np.float32) and alg.supports("backward_input", wide, np.float32)
+        assert alg.supports("backward_input", wide, np.float32)
         assert alg.supports("forward", batch, np.float32) and not alg.supports("backward_weight", batch, np.float32)
+    # im2col's forward GEMM sums over (channel, tap): 9216 products; flat's per tap: 1024
+    assert not ALGORITHMS.get("im2col_tf32x3").supports("forward", wide, np.float32)
+    assert ALGORITHMS.get("flat_tf32x3").supports("forward", wide, np.float32)
 
 
 def test_fp32_math_argument(monkeypatch):

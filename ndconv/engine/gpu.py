@@ -169,9 +169,18 @@ class Im2colGemm(Algorithm):
             self.name = "im2col_tf32x3"
 
     def supports(self, op, g, dtype):
-        if self.fp32_math == "tf32x3" and not gpu_blas.tf32x3_takes(op, g, dtype):
+        if self.fp32_math == "tf32x3" and not gpu_blas.tf32x3_takes(dtype, self.gemm_k(op, g)):
             return False
         return op in OPS and g.nd in (1, 2, 3) and np.dtype(dtype).name in _FLOATS
+
+    @staticmethod
+    def gemm_k(op, g):
+        """The products each GEMM result sums (col2im and chunks add in float32)."""
+        if op == "forward":
+            return g.x_channels // g.groups * g.taps
+        if op == "backward_input":
+            return g.y_channels // g.groups
+        return g.batch * math.prod(g.y_size)
 
     def preferred(self, op, g, dtype):
         # 1x1: plain GEMMs on the arrays themselves beat cuDNN's (measured on an H200:

@@ -21,16 +21,15 @@ float32 GEMMs run in one of two ways (``fp32_math``):
     2^-24 for a float32 product and a far larger error from summing ``K`` of them.
     The tensor cores' own additions are less careful than the CUDA cores' FMA,
     though: measured on an H200 (``tests/test_gpu.py``, random normal operands) the
-    result errs by 1.0e-5 of its norm at K = 4096 where SGEMM errs by 1.2e-6 and one
-    TF32 GEMM by 2.9e-4, and the gap grows with K.  So the tf32x3 algorithms take
-    only calls whose sums have at most ``TF32X3_MAX_K`` products (forward and input
-    gradient of most layers; never a weight gradient, whose sums run over the whole
-    batch).  On an H200 they run large GEMMs at about 3x the SGEMM rate.  Devices
+    result errs by 9.6e-6 of its norm at K = 4096 where SGEMM errs by 1.2e-6 and one
+    TF32 GEMM by 2.9e-4 (2.4e-6 against 5.8e-7 at K = 1024), and the gap grows with
+    K.  So the tf32x3 algorithms take only calls whose GEMMs sum at most
+    ``TF32X3_MAX_K`` products (forward and input gradient of most layers; hardly
+    ever a weight gradient, whose sums run over the whole batch).  On an H200 they run large GEMMs at about 3x the SGEMM rate.  Devices
     before compute capability 8.0 have no TF32 and use SGEMM.
 """
 from __future__ import annotations
 
-import math
 from collections import namedtuple
 
 import cupy as cp
@@ -89,18 +88,10 @@ def has_tf32():
     return found
 
 
-def products_per_result(op, g):
-    """How many products each result of a convolution primitive sums."""
-    if op == "forward":
-        return g.x_channels // g.groups * g.taps
-    if op == "backward_input":
-        return g.y_channels // g.groups * g.taps
-    return g.batch * math.prod(g.y_size)
-
-
-def tf32x3_takes(op, g, dtype):
-    """Whether a tf32x3 algorithm may run this call: float32 on a TF32 device, short sums."""
-    return uses_tf32x3(dtype, "tf32x3") and products_per_result(op, g) <= TF32X3_MAX_K
+def tf32x3_takes(dtype, k):
+    """Whether a tf32x3 GEMM may run: float32 on a TF32 device, at most TF32X3_MAX_K
+    products per result (the GEMM's own K: sums across GEMMs add in float32)."""
+    return uses_tf32x3(dtype, "tf32x3") and k <= TF32X3_MAX_K
 
 
 def uses_tf32x3(dtype, fp32_math):

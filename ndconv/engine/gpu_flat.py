@@ -54,7 +54,7 @@ class FlatGemm(Algorithm):
             self.name = "flat_tf32x3"
 
     def supports(self, op, g, dtype):
-        if self.fp32_math == "tf32x3" and not gpu_blas.tf32x3_takes(op, g, dtype):
+        if self.fp32_math == "tf32x3" and not gpu_blas.tf32x3_takes(dtype, self.gemm_k(op, g)):
             return False
         if op not in OPS or g.nd not in (1, 2, 3) or np.dtype(dtype).name not in FLOATS:
             return False
@@ -63,6 +63,15 @@ class FlatGemm(Algorithm):
         ext = extent(g)
         length = g.batch * math.prod(ext)
         return length + self._tail(g, ext) <= _INT_MAX and max(g.x_channels, g.y_channels) <= _INT_MAX // max(1, length)
+
+    @staticmethod
+    def gemm_k(op, g):
+        """The products each GEMM result sums (one GEMM per tap; taps add in float32)."""
+        if op == "forward":
+            return g.x_channels // g.groups
+        if op == "backward_input":
+            return g.y_channels // g.groups
+        return g.batch * math.prod(extent(g))
 
     def preferred(self, op, g, dtype):
         # cuDNN's deterministic weight-gradient kernels are weak outside 2-D (measured on
