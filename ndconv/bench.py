@@ -625,8 +625,12 @@ def run_case(case, backend, repeat, warmup, ops=OPS, settle=0.0):
             if hasattr(engine, "peak_temp_bytes"):
                 engine.peak_temp_bytes = 0
             backend.sync()
+            last = getattr(engine, "last_algorithm", None)     # which algorithm ran (GPU engine)
+            if last is not None:
+                last.clear()
             ours = nd_fns[op]()
             backend.sync()
+            rec["algorithm"] = ",".join(sorted(set(last.values()))) if last else None
             rec["peak_temp_bytes"] = int(engine.peak_temp_bytes) if hasattr(engine, "peak_temp_bytes") else None
             ref = th_fns[op]()
             err = rel_error(backend.to_host(ours), backend.to_host(ref))

@@ -262,17 +262,25 @@ class Im2colGemm(Algorithm):
     def _backward_input(self, engine, gy, w, g):
         dt = compute_dtype(gy.dtype)
         gx = cp.empty(g.x_shape, dtype=gy.dtype)
-        wt = w.reshape(g.groups, g.y_channels // g.groups, -1).astype(dt, copy=False)
-        wt = cp.ascontiguousarray(wt.transpose(0, 2, 1))          # (G, Cx/G*K, Cy/G)
+        wt = w.reshape(g.groups, g.y_channels // g.groups, -1).astype(dt, copy=False).transpose(0, 2, 1)
+        # tf32x3: both operands go straight from their strided views into one GEMM of
+        # 3K (the result, the columns, is the big array here), with no transposed copies.
+        stacked = gpu_blas.uses_tf32x3(dt, self.fp32_math) and not pointwise(g)
+        wt = gpu_blas.stack_a(wt, 3) if stacked else cp.ascontiguousarray(wt)   # (G, Cx/G*K, Cy/G)
         if pointwise(g):
             gyv = gy.reshape(g.batch, g.groups, g.y_channels // g.groups, -1).astype(dt, copy=False)
             return _per_group(wt, gyv, self.fp32_math).astype(gy.dtype, copy=False).reshape(g.x_shape)  # (N, G, Cx/G, P)
         params = _geometry_params(g)
         buf = None
         for n0, n1, a, b in self._chunks(engine, g, dt.itemsize):
-            gyt = self._rows_t(gy, g, n0, n1, a, b, dt)
+            if stacked:      # gy[n0:n1, :, a:b] as (G, Cy/G, nb, P), stacked along Cy/G
+                nb, yg = n1 - n0, g.y_channels // g.groups
+                rows = gy[n0:n1, :, a:b].reshape(nb, g.groups, yg, -1).transpose(1, 2, 0, 3)
+                gyt = gpu_blas.stack_b(rows, 3)
+            else:
+                gyt = self._rows_t(gy, g, n0, n1, a, b, dt)
             gcols = gpu_blas.matmul(wt, gyt, fp32_math=self.fp32_math)  # (G, Cx/G*K, nb*P)
-            engine._note(gyt, gcols)
+            engine._note(gcols, *(gpu_blas.parts(gyt) or (gyt,)))
             del gyt
             if (a, b) == (0, g.y_size[0]):
                 _launch(_kernel(g.nd, gy.dtype, "col2im_store", _fits32(gcols, gx)),

@@ -30,6 +30,7 @@ float32 GEMMs run in one of two ways (``fp32_math``):
 """
 from __future__ import annotations
 
+import math
 from collections import namedtuple
 
 import cupy as cp
@@ -145,11 +146,12 @@ def stack_a(a, blocks):
 
 
 def stack_b(b, blocks):
-    """A right operand (B, K, N) as :class:`Stacked` ``(B, blocks*K, N)``: ``[hi ; lo ; hi]``."""
-    k = b.shape[1]
-    data = cp.empty((b.shape[0], blocks * k, b.shape[2]), np.float32)
-    parts = (data[:, :k], data[:, k:2 * k]) + ((data[:, 2 * k:],) if blocks == 3 else ())
-    _splitter(blocks)(b, *parts)
+    """A right operand (B, K, N) as :class:`Stacked` ``(B, blocks*K, N)``: ``[hi ; lo ; hi]``.
+    ``b`` may also be (B, K, n1, n2, ...) with N = n1*n2*... (any strides)."""
+    k, n = b.shape[1], math.prod(b.shape[2:])
+    data = cp.empty((b.shape[0], blocks * k, n), np.float32)
+    parts = data.reshape((b.shape[0], blocks) + b.shape[1:])
+    _splitter(blocks)(b, *(parts[:, i] for i in range(blocks)))
     return Stacked(data, blocks)
 
 
