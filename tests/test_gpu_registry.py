@@ -40,6 +40,16 @@ def test_candidates_in_priority_order_and_filters():
     assert reg.get("generic").run(None, "forward", None, None, dense) == "generic"
 
 
+def test_ieee_engines_leave_tensor_core_algorithms_out():
+    reg = Registry()
+    tensor = reg.register(_Only("tensor", OPS))
+    tensor.fp32_math = "tf32x3"
+    reg.register(_Only("generic", OPS))
+    dense = conv_geometry((1, 4, 8, 8), (4, 4, 3, 3))[0]
+    assert [a.name for a in reg.candidates("forward", dense, np.float32)] == ["tensor", "generic"]
+    assert [a.name for a in reg.candidates("forward", dense, np.float32, fp32_math="ieee")] == ["generic"]
+
+
 def test_registry_errors():
     reg = Registry()
     reg.register(_Only("a", OPS))
