@@ -227,17 +227,17 @@ def matmul(a, b, out=None, accumulate=False, fp32_math="ieee"):
     """
     (ba, m, k), (bb, kb, n) = _logical(a, "a"), _logical(b, "b")
     batch = max(ba, bb)
-    presplit_ = isinstance(a, (Split, Stacked)) or isinstance(b, (Split, Stacked))
-    dtype = np.dtype(np.float32) if presplit_ else a.dtype
+    given_split = isinstance(a, (Split, Stacked)) or isinstance(b, (Split, Stacked))
+    dtype = np.dtype(np.float32) if given_split else a.dtype
     item = dtype.itemsize
-    direct = (dtype in _GEMM_NAMES and (presplit_ or b.dtype == dtype) and kb == k and ba in (1, batch)
+    direct = (dtype in _GEMM_NAMES and (given_split or b.dtype == dtype) and kb == k and ba in (1, batch)
               and bb in (1, batch) and 3 * max(m, n, k, batch) <= _INT_MAX and 0 not in (m, n, k, batch))
     if out is not None:
         direct = (direct and out.dtype == dtype and out.shape == (batch, m, n) and out.strides[2] == item
                   and out.strides[1] % item == 0 and out.strides[0] % item == 0
                   and (m == 1 or out.strides[1] >= n * item))
     if not direct:
-        if presplit_:
+        if given_split:
             raise ValueError("gpu_blas.matmul: split operands need a float32 GEMM cuBLAS can run directly")
         res = cp.matmul(a, b)
         if out is None:
@@ -249,7 +249,7 @@ def matmul(a, b, out=None, accumulate=False, fp32_math="ieee"):
         return out
     if out is None:
         out = cp.empty((batch, m, n), dtype=dtype)
-    if not presplit_ and not uses_tf32x3(dtype, fp32_math):
+    if not given_split and not uses_tf32x3(dtype, fp32_math):
         _gemm(a, b, out, accumulate, False)
         return out
     if isinstance(a, Split) or isinstance(b, Split):
@@ -262,7 +262,7 @@ def matmul(a, b, out=None, accumulate=False, fp32_math="ieee"):
         return out
     # Stacked operands: three blocks cost one more copy of each operand, two blocks one
     # more pass over the result; take the cheaper.
-    blocks = min(op.blocks for op in (a, b) if isinstance(op, Stacked)) if presplit_ else \
+    blocks = min(op.blocks for op in (a, b) if isinstance(op, Stacked)) if given_split else \
         (3 if ba * m * k + bb * k * n < 2 * batch * m * n else 2)
     a = a if isinstance(a, Stacked) else stack_a(a, blocks)
     b = b if isinstance(b, Stacked) else stack_b(b, blocks)
