@@ -1120,7 +1120,10 @@ def test_tf32x3_takes_short_gemms_only():
         assert all(alg.supports(op, dense, np.float32) for op in OPS)
         assert not alg.supports("forward", dense, np.float64) and not alg.supports("forward", dense, np.float16)
         assert alg.supports("backward_input", wide, np.float32)
-        assert alg.supports("forward", batch, np.float32) and not alg.supports("backward_weight", batch, np.float32)
+        assert alg.supports("forward", batch, np.float32)
+    # im2col cuts a weight gradient's sums into GEMMs of 4096; flat does not
+    assert ALGORITHMS.get("im2col_tf32x3").supports("backward_weight", batch, np.float32)
+    assert not ALGORITHMS.get("flat_tf32x3").supports("backward_weight", batch, np.float32)
     # im2col's forward GEMM sums over (channel, tap): 9216 products; flat's per tap: 1024
     assert not ALGORITHMS.get("im2col_tf32x3").supports("forward", wide, np.float32)
     assert ALGORITHMS.get("flat_tf32x3").supports("forward", wide, np.float32)
@@ -1141,6 +1144,16 @@ def test_fp32_math_argument(monkeypatch):
     monkeypatch.setenv("NDCONV_GPU_FP32", "fast")
     with pytest.raises(ValueError, match="fast"):
         GPUEngine()
+
+
+def test_im2col_tf32x3_weight_gradient_in_pieces():
+    """Sums over 2*70*70 = 9800 positions: two full pieces of 4096 and a rest, per group."""
+    rng = np.random.default_rng(10)
+    g = geometry((2, 6, 70, 70), (4, 3, 3, 3), padding=1, groups=2)
+    x, gy = rand(rng, g.x_shape, "float32"), rand(rng, g.y_shape, "float32")
+    got = host(GPUEngine(algorithm="im2col_tf32x3").backward_weight(cp.asarray(x), cp.asarray(gy), g))
+    want = CPUEngine().backward_weight(x.astype(np.float64), gy.astype(np.float64), g)
+    assert relerr(got, want) < TOL["float32"]
 
 
 @pytest.mark.parametrize("alg", ["im2col_gemm", "im2col_tf32x3", "flat_gemm", "flat_tf32x3"])

@@ -50,6 +50,7 @@ import math
 
 import cupy as cp
 import numpy as np
+from cupy.lib.stride_tricks import as_strided
 
 from . import autotune, gpu_blas, gpu_kernels, phases
 from .cudnn import Cudnn
@@ -175,12 +176,13 @@ class Im2colGemm(Algorithm):
 
     @staticmethod
     def gemm_k(op, g):
-        """The products each GEMM result sums (col2im and chunks add in float32)."""
+        """The products each GEMM result sums (col2im and chunks add in float32; under
+        tf32x3 the weight gradient cuts its long sums into pieces of TF32X3_MAX_K)."""
         if op == "forward":
             return g.x_channels // g.groups * g.taps
         if op == "backward_input":
             return g.y_channels // g.groups
-        return g.batch * math.prod(g.y_size)
+        return min(g.batch * math.prod(g.y_size), gpu_blas.TF32X3_MAX_K)
 
     def preferred(self, op, g, dtype):
         # 1x1: plain GEMMs on the arrays themselves beat cuDNN's (measured on an H200:
@@ -310,17 +312,46 @@ class Im2colGemm(Algorithm):
             # per sample (G, Cy/G, P) @ (G, P, Cx/G), summed over the batch in a fixed order
             gyv = gy.reshape(g.batch, g.groups, g.y_channels // g.groups, -1).astype(dt, copy=False)
             xv = x.reshape(g.batch, g.groups, g.x_channels // g.groups, -1).astype(dt, copy=False)
-            gw = _per_group(gyv, xv.transpose(0, 1, 3, 2), self.fp32_math).sum(axis=0)
+            # per-sample sums over the positions: tf32x3 only while they stay short
+            math_ = self.fp32_math if math.prod(g.y_size) <= gpu_blas.TF32X3_MAX_K else "ieee"
+            gw = _per_group(gyv, xv.transpose(0, 1, 3, 2), math_).sum(axis=0)
             return gw.reshape(g.w_shape).astype(x.dtype, copy=False)
         gw = None
         for n0, n1, a, b in self._chunks(engine, g, dt.itemsize):
             cols = self._columns(x, g, n0, n1, a, b, dt)   # (G, Cx/G*K, nb*P)
             gyt = gpu_blas.presplit(self._rows_t(gy, g, n0, n1, a, b, dt), self.fp32_math)  # (G, Cy/G, nb*P)
             engine._note(*(gpu_blas.parts(gyt) or (gyt,)), *(gpu_blas.parts(cols) or (cols,)))
-            colt = gpu_blas.view(cols, lambda c: c.transpose(0, 2, 1))
-            part = gpu_blas.matmul(gyt, colt, fp32_math=self.fp32_math)   # (G, Cy/G, Cx/G*K)
+            if isinstance(gyt, gpu_blas.Split):
+                part = self._weight_pieces(gyt, cols)
+            else:
+                part = gpu_blas.matmul(gyt, cols.transpose(0, 2, 1))   # (G, Cy/G, Cx/G*K)
             gw = part if gw is None else gw + part
         return gw.reshape(g.w_shape).astype(x.dtype, copy=False)
+
+
+    @staticmethod
+    def _weight_pieces(gyt, cols):
+        """tf32x3 ``gyt @ cols.T`` per group with the long sum over positions cut into
+        pieces of at most TF32X3_MAX_K, one batched GEMM over the pieces and a fixed-order
+        float32 sum of their results (the tensor cores err more on longer sums)."""
+        groups, yg, q = gyt.hi.shape
+        rows = cols.hi.shape[1]
+        step = gpu_blas.TF32X3_MAX_K
+        full, rest = divmod(q, step)
+        out = cp.empty((groups, full + (rest > 0), yg, rows), np.float32)
+        item = np.dtype(np.float32).itemsize
+        for gi in range(groups):
+            a = gpu_blas.view(gyt, lambda v: v[gi])                          # (Cy/G, Q)
+            b = gpu_blas.view(cols, lambda v: v[gi])                         # (Cx/G*K, Q)
+            if full:       # (pieces, Cy/G, step) @ (pieces, step, Cx/G*K)
+                ap = gpu_blas.view(a, lambda v: as_strided(v, (full, yg, step), (step * item, q * item, item)))
+                bp = gpu_blas.view(b, lambda v: as_strided(v, (full, step, rows), (step * item, item, q * item)))
+                gpu_blas.matmul(ap, bp, out=out[gi, :full])
+            if rest:
+                ar = gpu_blas.view(a, lambda v: v[None, :, full * step:])
+                br = gpu_blas.view(b, lambda v: v[None, :, full * step:].transpose(0, 2, 1))
+                gpu_blas.matmul(ar, br, out=out[gi, full:])
+        return out.sum(axis=1)                                               # (G, Cy/G, Cx/G*K)
 
 
 class DepthwiseDirect(Algorithm):
