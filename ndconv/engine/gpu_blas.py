@@ -24,8 +24,8 @@ float32 GEMMs run in one of two ways (``fp32_math``):
     result errs by 9.6e-6 of its norm at K = 4096 where SGEMM errs by 1.2e-6 and one
     TF32 GEMM by 2.9e-4 (2.4e-6 against 5.8e-7 at K = 1024), and the gap grows with
     K.  So the tf32x3 algorithms take only calls whose GEMMs sum at most
-    ``TF32X3_MAX_K`` products (forward and input gradient of most layers; hardly
-    ever a weight gradient, whose sums run over the whole batch).  On an H200 they run large GEMMs at about 3x the SGEMM rate.  Devices
+    ``TF32X3_MAX_K`` products (forward and input gradient of most layers; a weight
+    gradient, whose sums run over the whole batch, in pieces of that length).  On an H200 they run large GEMMs at about 3x the SGEMM rate.  Devices
     before compute capability 8.0 have no TF32 and use SGEMM.
 """
 from __future__ import annotations
