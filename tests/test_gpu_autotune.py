@@ -94,6 +94,18 @@ def test_cudnn_symmetric_padding_rule():
     assert not ALGORITHMS.get("cudnn").supports("forward", g, np.float32)
 
 
+def check_forced_against_cpu(name, op, g, dtype, host_arrays, dev, got):
+    """``got`` (op run with algorithm ``name`` forced) against the float64 CPU engine,
+    and bit for bit against a second run."""
+    assert got.dtype == np.dtype(dtype)
+    tol = {"float64": 1e-12, "float32": 1e-5, "float16": 4e-3}[dtype]
+    ref = run(CPUEngine(), op, g, *(a.astype(np.float64) for a in host_arrays))
+    err = np.linalg.norm(cp.asnumpy(got).astype(np.float64) - ref) / np.linalg.norm(ref)
+    assert err < tol, (op, err)
+    again = run(GPUEngine(algorithm=name), op, g, *dev)
+    assert bool(cp.all(got.view(cp.uint8) == again.view(cp.uint8))), op
+
+
 @needs_cudnn
 @pytest.mark.parametrize("dtype", ["float64", "float32", "float16"])
 @pytest.mark.parametrize("g", [
@@ -103,18 +115,11 @@ def test_cudnn_symmetric_padding_rule():
     conv_transpose_geometry((2, 4, 5, 5), (4, 3, 4, 4), None, 2, 1, 0, 1, 1)[0],
 ], ids=["1d", "2d_grouped", "3d_depthwise", "2d_transposed_k4s2"])
 def test_cudnn_forced_matches_cpu_and_is_deterministic(g, dtype):
-    x, w, y = arrays(g, dtype, 3)
-    dev = tuple(cp.asarray(a) for a in (x, w, y))
-    cpu = CPUEngine()
-    tol = {"float64": 1e-12, "float32": 1e-5, "float16": 4e-3}[dtype]
+    host_arrays = arrays(g, dtype, 3)
+    dev = tuple(cp.asarray(a) for a in host_arrays)
     for op in OPS:
         got = run(GPUEngine(algorithm="cudnn"), op, g, *dev)
-        assert got.dtype == np.dtype(dtype)
-        ref = run(cpu, op, g, *(a.astype(np.float64) for a in (x, w, y)))
-        err = np.linalg.norm(cp.asnumpy(got).astype(np.float64) - ref) / np.linalg.norm(ref)
-        assert err < tol, (op, err)
-        again = run(GPUEngine(algorithm="cudnn"), op, g, *dev)
-        assert bool(cp.all(got.view(cp.uint8) == again.view(cp.uint8))), op
+        check_forced_against_cpu("cudnn", op, g, dtype, host_arrays, dev, got)
 
 
 @needs_cudnn
@@ -155,10 +160,8 @@ GRAPH_GEOMETRIES = [
 @pytest.mark.parametrize("g", GRAPH_GEOMETRIES, ids=["1d", "2d_grouped", "2d_asymmetric", "3d_depthwise",
                                                      "2d_transposed_k4s2"])
 def test_cudnn_graph_forced_matches_cpu_and_is_deterministic(g, dtype):
-    x, w, y = arrays(g, dtype, 3)
-    dev = tuple(cp.asarray(a) for a in (x, w, y))
-    cpu = CPUEngine()
-    tol = {"float64": 1e-12, "float32": 1e-5, "float16": 4e-3}[dtype]
+    host_arrays = arrays(g, dtype, 3)
+    dev = tuple(cp.asarray(a) for a in host_arrays)
     alg = ALGORITHMS.get("cudnn_graph")
     assert alg.supports("forward", g, np.dtype(dtype))
     for op in OPS:
@@ -167,12 +170,7 @@ def test_cudnn_graph_forced_matches_cpu_and_is_deterministic(g, dtype):
         except RuntimeError as e:          # no deterministic engine (some float64 gradients)
             assert dtype == "float64" and "cannot run" in str(e), e
             continue
-        assert got.dtype == np.dtype(dtype)
-        ref = run(cpu, op, g, *(a.astype(np.float64) for a in (x, w, y)))
-        err = np.linalg.norm(cp.asnumpy(got).astype(np.float64) - ref) / np.linalg.norm(ref)
-        assert err < tol, (op, err)
-        again = run(GPUEngine(algorithm="cudnn_graph"), op, g, *dev)
-        assert bool(cp.all(got.view(cp.uint8) == again.view(cp.uint8))), op
+        check_forced_against_cpu("cudnn_graph", op, g, dtype, host_arrays, dev, got)
 
 
 @needs_cudnn

@@ -363,17 +363,29 @@ def output_and_roles(cp, op, a, b, g):
 _ARG_ORDER = {"forward": (0, 1, 2), "backward_input": (1, 2, 0), "backward_weight": (0, 2, 1)}
 
 
-class Cudnn(Algorithm):
-    """cuDNN's convolution kernels (deterministic ones only while the engine is)."""
+class CudnnAlgorithm(Algorithm):
+    """What both cuDNN algorithms share: the calls they take, and determinism (each keeps
+    only cuDNN's deterministic kernels while the engine is deterministic)."""
+
+    deterministic = True
+
+    @staticmethod
+    def padding(g):  # pragma: no cover - interface
+        """The padding this API can be given for ``g``, or None when it cannot."""
+        raise NotImplementedError
+
+    def supports(self, op, g, dtype):
+        return callable_by_cudnn(op, g, dtype) and self.padding(g) is not None
+
+
+class Cudnn(CudnnAlgorithm):
+    """cuDNN's convolution kernels through the legacy API."""
 
     name = "cudnn"
-    deterministic = True      # it filters cuDNN's algorithms by the engine's flag
+    padding = staticmethod(symmetric_padding)
 
     def __init__(self):
         self._plans = {}
-
-    def supports(self, op, g, dtype):
-        return callable_by_cudnn(op, g, dtype) and symmetric_padding(g) is not None
 
     # ------------------------------------------------------------------ run
 

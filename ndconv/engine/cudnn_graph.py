@@ -22,7 +22,7 @@ import ctypes
 import numpy as np
 
 from . import cudnn
-from .registry import Algorithm, NotApplicable
+from .registry import NotApplicable
 
 # cudnnBackendDescriptorType_t
 _ENGINE, _ENGINECFG, _ENGINEHEUR, _EXECUTION_PLAN, _KNOB_CHOICE = 2, 3, 4, 5, 7
@@ -261,18 +261,15 @@ def _execute(handle, plan, pack):
     return cudnn._lib.cudnnBackendExecute(handle, plan.ptr, pack.ptr)
 
 
-class CudnnGraph(Algorithm):
-    """cuDNN's engines through the graph API (deterministic ones only while the engine is)."""
+class CudnnGraph(cudnn.CudnnAlgorithm):
+    """cuDNN's engines through the graph API."""
 
     name = "cudnn_graph"
-    deterministic = True      # it filters cuDNN's engines by the engine's flag
+    padding = staticmethod(graph_padding)
 
     def __init__(self):
         #: (device, op, g, dtype, align, deterministic, limit) -> (plan, workspace bytes, packs)
         self._chosen = {}
-
-    def supports(self, op, g, dtype):
-        return cudnn.callable_by_cudnn(op, g, dtype) and graph_padding(g) is not None
 
     def run(self, engine, op, a, b, g):
         import cupy as cp

@@ -159,23 +159,19 @@ _NULL = np.uint64(0)     # a null pointer argument
 
 # ------------------------------------------------------------------ algorithms
 
-class Im2colGemm(Algorithm):
+class Im2colGemm(gpu_blas.Fp32Twin, Algorithm):
     """im2col/col2im kernels + one cuBLAS GEMM per group, chunked by the workspace limit."""
 
     name = "im2col_gemm"
 
-    def __init__(self, fp32_math="ieee"):
-        self.fp32_math = gpu_blas.check_fp32_math(fp32_math)
-        if fp32_math == "tf32x3":
-            self.name = "im2col_tf32x3"
+    tf32x3_name = "im2col_tf32x3"
 
     def supports(self, op, g, dtype):
-        if self.fp32_math == "tf32x3" and not gpu_blas.tf32x3_takes(dtype, self.gemm_k(op, g)):
+        if self.tf32x3_refuses(op, g, dtype):
             return False
         return op in OPS and g.nd in (1, 2, 3) and np.dtype(dtype).name in _FLOATS
 
-    @staticmethod
-    def gemm_k(op, g):
+    def gemm_k(self, op, g):
         """The products each GEMM result sums (col2im and chunks add in float32; under
         tf32x3 the weight gradient cuts its long sums into pieces of TF32X3_MAX_K)."""
         if op == "forward":
@@ -255,7 +251,7 @@ class Im2colGemm(Algorithm):
         for n0, n1, a, b in self._chunks(engine, g, dt.itemsize):
             cols = self._columns(x, g, n0, n1, a, b, dt, stacked=True)
             res = gpu_blas.matmul(wm, cols, fp32_math=self.fp32_math)   # (G, Cy/G, nb*P)
-            engine._note(res, *(gpu_blas.parts(cols) or (cols,)))
+            engine._note(res, *gpu_blas.arrays(cols))
             del cols
             res = res.reshape((g.y_channels, n1 - n0, b - a) + g.y_size[1:])
             y[n0:n1, :, a:b] = res.swapaxes(0, 1)
@@ -282,7 +278,7 @@ class Im2colGemm(Algorithm):
             else:
                 gyt = self._rows_t(gy, g, n0, n1, a, b, dt)
             gcols = gpu_blas.matmul(wt, gyt, fp32_math=self.fp32_math)  # (G, Cx/G*K, nb*P)
-            engine._note(gcols, *(gpu_blas.parts(gyt) or (gyt,)))
+            engine._note(gcols, *gpu_blas.arrays(gyt))
             del gyt
             if (a, b) == (0, g.y_size[0]):
                 _launch(_kernel(g.nd, gy.dtype, "col2im_store", _fits32(gcols, gx)),
@@ -320,7 +316,7 @@ class Im2colGemm(Algorithm):
         for n0, n1, a, b in self._chunks(engine, g, dt.itemsize):
             cols = self._columns(x, g, n0, n1, a, b, dt)   # (G, Cx/G*K, nb*P)
             gyt = gpu_blas.presplit(self._rows_t(gy, g, n0, n1, a, b, dt), self.fp32_math)  # (G, Cy/G, nb*P)
-            engine._note(*(gpu_blas.parts(gyt) or (gyt,)), *(gpu_blas.parts(cols) or (cols,)))
+            engine._note(*gpu_blas.arrays(gyt), *gpu_blas.arrays(cols))
             if isinstance(gyt, gpu_blas.Split):
                 part = self._weight_pieces(gyt, cols)
             else:

@@ -36,6 +36,8 @@ from collections import namedtuple
 import cupy as cp
 import numpy as np
 
+from . import gpu_kernels
+
 FP32_MATH = ("tf32x3", "ieee")
 #: the longest sum (products per result) a tf32x3 algorithm takes
 TF32X3_MAX_K = 4096
@@ -71,6 +73,25 @@ def _lib():
     return _cublas
 
 
+class Fp32Twin:
+    """For a GEMM algorithm registered twice: ``Cls()`` runs SGEMM, ``Cls("tf32x3")``
+    (named ``tf32x3_name``) runs tf32x3 and takes only what ``gemm_k`` allows."""
+
+    tf32x3_name = "?"
+
+    def __init__(self, fp32_math="ieee"):
+        self.fp32_math = check_fp32_math(fp32_math)
+        if fp32_math == "tf32x3":
+            self.name = self.tf32x3_name
+
+    def gemm_k(self, op, g):  # pragma: no cover - interface
+        """The products each of the algorithm's GEMM results sums."""
+        raise NotImplementedError
+
+    def tf32x3_refuses(self, op, g, dtype):
+        return self.fp32_math == "tf32x3" and not tf32x3_takes(dtype, self.gemm_k(op, g))
+
+
 def check_fp32_math(value, name="fp32_math"):
     if value not in FP32_MATH:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, FP32_MATH))}, got {name}={value!r}")
@@ -100,18 +121,6 @@ def uses_tf32x3(dtype, fp32_math):
     return fp32_math == "tf32x3" and np.dtype(dtype) == np.float32 and has_tf32()
 
 
-# The bit operations below are those of tf32_split_reference in the tests: round to
-# nearest (ties away from zero) at fraction bit 13; infinities and NaN keep lo = 0.
-_SPLIT_SOURCE = r"""
-    float h = a, l = 0.0f;
-    if (isfinite(a)) {
-        unsigned int u = __float_as_uint(a);
-        h = __uint_as_float((u + 0x1000u) & 0xffffe000u);
-        if (!isfinite(h)) h = __uint_as_float(u & 0xffffe000u);   // rounding up overflowed
-        l = __uint_as_float((__float_as_uint(a - h) + 0x1000u) & 0xffffe000u);   // a - h is exact
-    }
-    hi = h; lo = l;
-"""
 _split_kernels = {}
 
 
@@ -120,8 +129,9 @@ def _splitter(copies):
     fn = _split_kernels.get(copies)
     if fn is None:
         outs = "float32 hi, float32 lo" + (", float32 hi2" if copies == 3 else "")
-        body = _SPLIT_SOURCE + ("    hi2 = h;\n" if copies == 3 else "")
-        fn = _split_kernels[copies] = cp.ElementwiseKernel("float32 a", outs, body, f"ndconv_tf32_split{copies}")
+        body = "tf32_split(a, hi, lo);" + (" hi2 = hi;" if copies == 3 else "")
+        fn = _split_kernels[copies] = cp.ElementwiseKernel("float32 a", outs, body, f"ndconv_tf32_split{copies}",
+                                                           preamble=gpu_kernels.TF32_SPLIT)
     return fn
 
 
@@ -277,6 +287,11 @@ def matmul(a, b, out=None, accumulate=False, fp32_math="ieee"):
 def view(operand, fn):
     """``fn`` applied to an array, or to both parts of a :class:`Split`."""
     return Split(fn(operand.hi), fn(operand.lo)) if isinstance(operand, Split) else fn(operand)
+
+
+def arrays(operand):
+    """The arrays an operand occupies: its parts when split, else itself."""
+    return parts(operand) or (operand,)
 
 
 def parts(operand):

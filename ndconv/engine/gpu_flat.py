@@ -41,20 +41,17 @@ def _offsets(g, ext):
     return [sum(t * d * p for t, d, p in zip(tap, g.dilation, pitch)) for tap in np.ndindex(*g.kernel)]
 
 
-class FlatGemm(Algorithm):
+class FlatGemm(gpu_blas.Fp32Twin, Algorithm):
     """One cuBLAS GEMM per kernel tap on the flat padded arrays; stride 1 only."""
 
     name = "flat_gemm"
     deterministic = True
     max_groups = 64          # past that the per-group GEMMs are too small to pay
 
-    def __init__(self, fp32_math="ieee"):
-        self.fp32_math = gpu_blas.check_fp32_math(fp32_math)
-        if fp32_math == "tf32x3":
-            self.name = "flat_tf32x3"
+    tf32x3_name = "flat_tf32x3"
 
     def supports(self, op, g, dtype):
-        if self.fp32_math == "tf32x3" and not gpu_blas.tf32x3_takes(dtype, self.gemm_k(op, g)):
+        if self.tf32x3_refuses(op, g, dtype):
             return False
         if op not in OPS or g.nd not in (1, 2, 3) or np.dtype(dtype).name not in FLOATS:
             return False
@@ -64,8 +61,7 @@ class FlatGemm(Algorithm):
         length = g.batch * math.prod(ext)
         return length + self._tail(g, ext) <= _INT_MAX and max(g.x_channels, g.y_channels) <= _INT_MAX // max(1, length)
 
-    @staticmethod
-    def gemm_k(op, g):
+    def gemm_k(self, op, g):
         """The products each GEMM result sums (one GEMM per tap; taps add in float32)."""
         if op == "forward":
             return g.x_channels // g.groups

@@ -105,18 +105,7 @@ __device__ __forceinline__ void next_tap(I* k, const GeoT<I>& g) {
     for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < (total); \
          i += (i64)blockDim.x * gridDim.x)
 
-// The two TF32 parts of a float (see gpu_blas: round to nearest at fraction bit 13;
-// infinities and NaN keep lo = 0).  Doubles are never split: hi = v, lo = 0.
-__device__ __forceinline__ void tf32_split(float v, float& hi, float& lo) {
-    if (!isfinite(v)) { hi = v; lo = 0.0f; return; }
-    const unsigned int u = __float_as_uint(v);
-    float h = __uint_as_float((u + 0x1000u) & 0xffffe000u);
-    if (!isfinite(h)) h = __uint_as_float(u & 0xffffe000u);
-    hi = h;
-    lo = __uint_as_float((__float_as_uint(v - h) + 0x1000u) & 0xffffe000u);
-}
-__device__ __forceinline__ void tf32_split(double v, double& hi, double& lo) { hi = v; lo = 0.0; }
-
+__TF32_SPLIT__
 // ------------------------------------------------------------------ im2col / col2im
 
 // cols[r = c*K + tap, n, p] = x[n0+n, c, o*S - L + k*D] (zero outside), where p runs
@@ -429,6 +418,23 @@ _TYPES = {
 }
 
 
+# The two TF32 parts of a float: round to nearest (ties away) at fraction bit 13;
+# infinities and NaN keep lo = 0 (tf32_split_reference in the tests is the same in
+# NumPy).  Used by im2col here and by gpu_blas's split kernels.  Doubles are never
+# split: hi = v, lo = 0.
+TF32_SPLIT = r"""
+__device__ __forceinline__ void tf32_split(float v, float& hi, float& lo) {
+    if (!isfinite(v)) { hi = v; lo = 0.0f; return; }
+    const unsigned int u = __float_as_uint(v);
+    float h = __uint_as_float((u + 0x1000u) & 0xffffe000u);
+    if (!isfinite(h)) h = __uint_as_float(u & 0xffffe000u);   // rounding up overflowed
+    hi = h;
+    lo = __uint_as_float((__float_as_uint(v - h) + 0x1000u) & 0xffffe000u);   // v - h is exact
+}
+__device__ __forceinline__ void tf32_split(double v, double& hi, double& lo) { hi = v; lo = 0.0; }
+"""
+
+
 def source(nd, dtype_name, index32=False):
     """The CUDA source for ``nd`` spatial dims and one of float16/float32/float64.
 
@@ -440,7 +446,8 @@ def source(nd, dtype_name, index32=False):
         storage, acc, is_half = _TYPES[dtype_name]
     except KeyError:
         raise ValueError(f"dtype must be float16, float32 or float64, got dtype={dtype_name!r}") from None
-    return (_TEMPLATE.replace("__HALF_IO__", _HALF_IO).replace("__ND__", str(nd)).replace("__IS_HALF__", str(is_half))
+    return (_TEMPLATE.replace("__HALF_IO__", _HALF_IO).replace("__TF32_SPLIT__", TF32_SPLIT)
+            .replace("__ND__", str(nd)).replace("__IS_HALF__", str(is_half))
             .replace("__WG_THREADS__", str(WGRAD_THREADS)).replace("__IX__", "int" if index32 else "i64")
             .replace("__STORAGE__", storage).replace("__ACC__", acc))
 
