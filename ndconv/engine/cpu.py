@@ -44,6 +44,7 @@ from . import autotune
 from . import cpu_blas
 from . import cpu_col2im
 from . import cpu_depthwise as dw
+from . import cpu_direct as cd
 from . import cpu_grouped as gr
 from . import phases
 from .phases import need_extent
@@ -52,6 +53,7 @@ DEFAULT_WORKSPACE = 256 << 20
 GROUPED_MAX = 32   # channels per group (in and out) up to which "grouped" may run; see supports
 TAPS_MIN_CHANNELS = 16   # per group, in and out, for "taps": narrower per-tap GEMMs waste BLAS
 OPS = ("forward", "backward_input", "backward_weight")
+FLAT_FAMILY = ("flat", "flat_cf", "taps", "direct")   # stride 1 at the padded pitch (strides via phases)
 
 
 def compute_dtype(dtype):
@@ -61,7 +63,7 @@ def compute_dtype(dtype):
 
 class CPUEngine:
     name = "cpu"
-    algorithms = ("depthwise", "grouped", "taps", "flat_cf", "flat", "im2col")
+    algorithms = ("depthwise", "grouped", "direct", "taps", "flat_cf", "flat", "im2col")
 
     def __init__(self, workspace_limit=DEFAULT_WORKSPACE):
         self.workspace_limit = workspace_limit
@@ -94,10 +96,12 @@ class CPUEngine:
             return (gr.AVAILABLE and g.groups > 1 and g.x_channels != g.groups
                     and g.x_channels // g.groups <= GROUPED_MAX and g.y_channels // g.groups <= GROUPED_MAX
                     and gr.buffer_bytes(g, itemsize, _threads()) <= self.workspace_limit)
+        if algorithm == "direct" and not (cd.AVAILABLE and itemsize in (4, 8)):
+            return False
         if algorithm == "taps" and not (cpu_blas.AVAILABLE and g.x_channels // g.groups >= TAPS_MIN_CHANNELS
                                         and g.y_channels // g.groups >= TAPS_MIN_CHANNELS):
             return False
-        if algorithm in ("flat", "flat_cf", "taps"):
+        if algorithm in FLAT_FAMILY:
             if op == "backward_input" and phases.unit_stride(g):
                 # the flipped kernel needs non-negative complementary padding
                 if any(lo > d * (k - 1) for lo, d, k in zip(g.pad_lo, g.dilation, g.kernel)):
@@ -199,7 +203,7 @@ class CPUEngine:
             y = self._forward_depthwise(x, w, g, dt)
         elif algorithm == "grouped":
             y = self._forward_grouped(x, w, g, dt)
-        elif algorithm in ("flat", "flat_cf", "taps"):
+        elif algorithm in FLAT_FAMILY:
             y = np.empty(g.y_shape, dtype=dt)
             for n0, n1 in self._batches(g, dt):
                 xs, ws, gs = _to_unit_stride(x[n0:n1], w, g.with_batch(n1 - n0), dt)
@@ -215,20 +219,20 @@ class CPUEngine:
         algorithm = self.choose("backward_input", g, dt)
         # Paths that write every element get an uninitialised buffer: zeroing a reused
         # allocation costs a full pass over gx (2.8 of 12.9 ms for a 1-D depthwise layer).
-        writes_all = algorithm in ("flat", "flat_cf", "taps", "grouped") or (algorithm == "depthwise" and self._depthwise_flat_ok(g))
+        writes_all = algorithm in FLAT_FAMILY + ("grouped",) or (algorithm == "depthwise" and self._depthwise_flat_ok(g))
         gx = np.empty(g.x_shape, dtype=dt) if writes_all else np.zeros(g.x_shape, dtype=dt)
         if algorithm == "depthwise":
             self._backward_input_depthwise(gy, w, g, dt, gx)
         elif algorithm == "grouped":
             self._backward_input_grouped(gy, w, g, dt, gx)
-        elif algorithm in ("flat", "flat_cf", "taps") and phases.unit_stride(g):
+        elif algorithm in FLAT_FAMILY and phases.unit_stride(g):
             # The input gradient is a forward convolution of gy with the flipped,
             # group-transposed kernel and the complementary padding.
             g2 = _flipped_geometry(g)
             flipped = _flip_weight(w, g, dt)
             for n0, n1 in self._batches(g, dt):
                 self._forward_flat(gy[n0:n1], flipped, g2.with_batch(n1 - n0), dt, gx[n0:n1], algorithm)
-        elif algorithm in ("flat", "flat_cf", "taps"):
+        elif algorithm in FLAT_FAMILY:
             # Each output phase r of x is a stride-1 "full" convolution of gy with the
             # taps k*d = q*s + r; all phases come out of one GEMM, then interleave.
             wp, gp = phases.weight_transposed(np, w, g, dt), phases.geometry(g, transposed=True)
@@ -251,7 +255,7 @@ class CPUEngine:
             gw = self._backward_weight_depthwise(x, gy, g, dt)
         elif algorithm == "grouped":
             gw = self._backward_weight_grouped(x, gy, g, dt)
-        elif algorithm in ("flat", "flat_cf", "taps"):
+        elif algorithm in FLAT_FAMILY:
             gw = None
             for n0, n1 in self._batches(g, dt):
                 xs, _, gs = _to_unit_stride(x[n0:n1], None, g.with_batch(n1 - n0), dt)
@@ -314,6 +318,8 @@ class CPUEngine:
             return y
         if mode == "taps":
             return self._forward_taps(x, w, g, dt, y)
+        if mode == "direct":
+            return self._forward_direct(x, w, g, dt, y)
         if mode == "flat_cf":
             return self._forward_flat_first(x, w, g, dt, y)
         wl = _weight_last(w, g, dt)                                    # (G, K*Cx/G, Cy/G)
@@ -342,6 +348,8 @@ class CPUEngine:
             return np.matmul(gyv, np.swapaxes(xv, 2, 3)).sum(axis=0).reshape(g.w_shape)
         if mode == "taps":
             return self._backward_weight_taps(x, gy, g, dt)
+        if mode == "direct":
+            return self._backward_weight_direct(x, gy, g, dt)
         if mode == "flat_cf":
             return self._backward_weight_flat_first(x, gy, g, dt)
         gwl = np.zeros((g.groups, g.taps * cg, yg), dtype=dt)          # (G, K*Cx/G, Cy/G)
@@ -477,6 +485,73 @@ class CPUEngine:
                                   gwt, (t * ng + j) * yg * cg, cg, 0.0 if q0 == 0 else 1.0, trans_b=True)
         # (K, G, Cy/G, Cx/G) -> (G, Cy/G, Cx/G, K) -> (Cy, Cx/G, *k)
         return np.ascontiguousarray(gwt.transpose(1, 2, 3, 0)).reshape(g.w_shape)
+
+    # ------------------------------------------------------------ direct: register tiles, channels last
+
+    def _direct_layout(self, g, dt):
+        """Padded grid, tap offsets, and the padded position count L (a multiple of the tile rows)."""
+        need = need_extent(g)
+        pitch = [math.prod(need[i + 1:]) for i in range(g.nd)]
+        offsets = np.array([sum(k * d * p for k, d, p in zip(tap, g.dilation, pitch)) for tap in np.ndindex(*g.kernel)],
+                           dtype=np.int64)
+        return need, offsets, cd.round_up(g.batch * math.prod(need), cd.ROW_MULTIPLE)
+
+    def _direct_pack(self, a, channels, size, lo, need, rows, columns, dt):
+        """a (nb, channels, *size) -> (rows, len(columns)) channels last on the padded grid;
+        ``columns[j]`` is the channel in column j, or -1 for a zero column."""
+        src = cd.position_map(a.shape[0], need, size, lo, channels, rows)
+        cmap = np.where(columns >= 0, columns * math.prod(size), -1).astype(np.int64)
+        out = np.empty((rows, len(columns)), dtype=dt)
+        cd.pack(np.ascontiguousarray(a, dtype=dt).reshape(-1), src, cmap, out)
+        return out
+
+    @staticmethod
+    def _direct_columns(g, dt):
+        """Output channels padded per group to whole vectors: (Cy/G padded, column of each channel)."""
+        yg = g.y_channels // g.groups
+        ygp = cd.round_up(yg, cd.lanes(dt))
+        c = np.arange(g.y_channels)
+        return ygp, (c // yg) * ygp + c % yg
+
+    def _forward_direct(self, x, w, g, dt, y):
+        """y = conv(x, w), stride 1: cpu_direct's register tiles over the channels-last padded grid."""
+        need, offsets, rows = self._direct_layout(g, dt)
+        cg, yg, ng = g.x_channels // g.groups, g.y_channels // g.groups, g.groups
+        ygp, cols = self._direct_columns(g, dt)
+        xl = self._direct_pack(x, g.x_channels, g.x_size, g.pad_lo, need, rows + int(offsets[-1]),
+                               np.arange(g.x_channels), dt)
+        # (Cy, Cx/G, *k) -> (G, K, Cx/G, Cy/G), output channels padded with zeros
+        wl = np.zeros((ng, g.taps, cg, ygp), dtype=dt)
+        wl[..., :yg] = np.asarray(w, dtype=dt).reshape(ng, yg, cg, g.taps).transpose(0, 3, 2, 1)
+        yl = np.empty((rows, ng * ygp), dtype=dt)
+        self._note(xl, yl)
+        cd.forward(xl, wl, offsets, yl, ng, cg, cd.vectors(ygp, dt), cd.BLOCK)
+        dest = cd.position_map(g.batch, need, g.y_size, (0,) * g.nd, g.y_channels, rows)
+        if not y.flags.c_contiguous:
+            raise ValueError("direct: the output buffer must be C-contiguous")
+        cd.unpack(yl, dest, cols, math.prod(g.y_size), y.reshape(-1))
+        return y
+
+    def _backward_weight_direct(self, x, gy, g, dt):
+        """gw_t = sum over grid positions of xl (shifted by tap t) times gy on the same grid."""
+        need, offsets, rows = self._direct_layout(g, dt)
+        cg, yg, ng = g.x_channels // g.groups, g.y_channels // g.groups, g.groups
+        ygp, cols = self._direct_columns(g, dt)
+        nv = cd.vectors(ygp, dt)
+        tail = (ygp % (nv * cd.lanes(dt))) // cd.lanes(dt)
+        cgp = cd.round_up(cg, math.lcm(cd.MR_FOR[nv], cd.MR_FOR[tail] if tail else 1))
+        xcols = np.arange((ng - 1) * cg + cgp)
+        xl = self._direct_pack(x, g.x_channels, g.x_size, g.pad_lo, need, rows + int(offsets[-1]),
+                               np.where(xcols < g.x_channels, xcols, -1), dt)
+        ycols = np.full(ng * ygp, -1)
+        ycols[cols] = np.arange(g.y_channels)
+        gyl = self._direct_pack(gy, g.y_channels, g.y_size, (0,) * g.nd, need, rows, ycols, dt)
+        parts = np.zeros((cd.PARTS, g.taps, ng, cgp, ygp), dtype=dt)
+        self._note(xl, gyl, parts)
+        cd.weight_grad(xl, gyl, offsets, parts, ng, cg, nv, cd.CHUNK)
+        gw = parts.sum(axis=0)[:, :, :cg, :yg]                         # (K, G, Cx/G, Cy/G)
+        # -> (G, Cy/G, Cx/G, K) -> (Cy, Cx/G, *k)
+        return np.ascontiguousarray(gw.transpose(1, 3, 2, 0)).reshape(g.w_shape)
 
     # ------------------------------------------------------------ depthwise: compiled loops
 
