@@ -1051,6 +1051,64 @@ def test_gpu_blas_matmul_layouts(dtype, fp32_math):
                 assert relerr(host(out), want + 1) < tol, (type(sa).__name__, type(sb).__name__)
 
 
+def test_tf32_stack_strided_views():
+    """stack_a / stack_b / split write the parts the reference split gives, from views of
+    any strides (the raw kernel: size-1 and mergeable dims collapsed; more than 4 dims
+    left, or float16, take the elementwise kernel)."""
+    from ndconv.engine import gpu_blas
+    rng = np.random.default_rng(9)
+    base = cp.asarray(rng.standard_normal((4, 6, 10, 8)).astype(np.float32))
+    flat = base.reshape(4, 6, 80)
+    as_a = [flat, flat[:, ::2, 3:40], flat.transpose(0, 2, 1), flat[:, ::-1, ::3], flat[:1],
+            cp.broadcast_to(flat[:1, :1], (3, 5, 80)), base[0, :, :, ::2].transpose(2, 0, 1),
+            flat[:, :, :0]]
+    as_b = [base, base[:, 1:5, ::2, 1:7], base.transpose(1, 0, 3, 2), base[:, :, ::-1],
+            base.reshape(4, 6, 2, 5, 8)[:, :, :, ::2], base.reshape(2, 2, 6, 10, 8).transpose(0, 2, 1, 3, 4)[:, :, :, ::2, ::3],
+            base[:, :, None, :, 2:4]]
+
+    def parts(v):
+        return tf32_split_reference(host(v))
+
+    for v in as_a:
+        hi, lo = parts(v)
+        for blocks in (2, 3):
+            got = host(gpu_blas.stack_a(v, blocks).data)
+            want = np.concatenate([lo, hi, hi][:blocks], axis=2)
+            np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32), err_msg=str(v.strides))
+        sp = gpu_blas.split(v)
+        np.testing.assert_array_equal(host(sp.hi).view(np.uint32), hi.view(np.uint32))
+        np.testing.assert_array_equal(host(sp.lo).view(np.uint32), lo.view(np.uint32))
+    for v in as_b:
+        hi, lo = (p.reshape(p.shape[0], p.shape[1], -1) for p in parts(v))
+        for blocks in (2, 3):
+            got = host(gpu_blas.stack_b(v, blocks).data)
+            want = np.concatenate([hi, lo, hi][:blocks], axis=1)
+            np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32), err_msg=str(v.strides))
+    # into views of a larger array (split's out=), and from float16 (elementwise kernel)
+    out = gpu_blas.Split(cp.zeros((4, 6, 90), np.float32)[:, :, 5:85], cp.zeros((4, 6, 90), np.float32)[:, :, 5:85])
+    gpu_blas.split(flat, out=out)
+    hi, lo = parts(flat)
+    np.testing.assert_array_equal(host(out.hi), hi)
+    np.testing.assert_array_equal(host(out.lo), lo)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_sum_batch_in_order(dtype):
+    from ndconv.engine.gpu import sum_batch
+    rng = np.random.default_rng(10)
+    a = (rng.standard_normal((7, 3, 50)) * 10.0 ** rng.integers(-6, 6, (7, 3, 50))).astype(dtype)
+
+    def in_order(v):
+        out = v[0].copy()
+        for i in range(1, v.shape[0]):
+            out += v[i]
+        return out
+
+    np.testing.assert_array_equal(host(sum_batch(cp.asarray(a))), in_order(a))
+    np.testing.assert_array_equal(host(sum_batch(cp.asarray(a)[:, :, ::2])), in_order(a[:, :, ::2]))
+    assert sum_batch(cp.zeros((0, 4), dtype)).shape == (4,)
+
+
 def tf32_split_reference(a):
     """NumPy's version of gpu_blas.split: round to nearest (ties away) at fraction bit 13."""
     a = np.asarray(a, np.float32)
@@ -1147,7 +1205,8 @@ def test_fp32_math_argument(monkeypatch):
 
 
 def test_im2col_tf32x3_weight_gradient_in_pieces():
-    """Sums over 2*70*70 = 9800 positions: two full pieces of 4096 and a rest, per group."""
+    """Sums over 2*70*70 = 9800 positions: three pieces of at most 4096 (two of 3268 and a
+    rest), per group."""
     rng = np.random.default_rng(10)
     g = geometry((2, 6, 70, 70), (4, 3, 3, 3), padding=1, groups=2)
     x, gy = rand(rng, g.x_shape, "float32"), rand(rng, g.y_shape, "float32")

@@ -84,7 +84,15 @@ def test_plan_views_and_declines():
     assert gpu_plane.plan("backward_weight", many_taps, "float32") is None   # 125 sums per thread
     grouped = geometry((2, 64, 28, 28), (64, 8, 3, 3), padding=1, groups=8)
     c = dict(gpu_plane.plan("backward_weight", grouped, "float32").consts)
-    assert (c["OCB"], c["CIB"]) == (2, 2)          # 36 sums per thread, balanced
+    assert (c["OCB"], c["CIB"]) == (4, 2)          # 72 sums per thread (WGRAD_PAIR_ACC), balanced
+    assert c["MINB"] == gpu_plane.WGRAD_PAIR_MIN_BLOCKS
+    dw = geometry((2, 8, 28, 28), (8, 1, 3, 3), padding=1, groups=8)
+    c = dict(gpu_plane.plan("backward_weight", dw, "float32").consts)
+    assert (c["OCB"], c["CIB"], c["MINB"]) == (1, 1, gpu_plane.WGRAD_MIN_BLOCKS)    # depthwise: 9 sums
+    long_window = dict(gpu_plane.plan("forward", geometry((2, 8, 2048), (8, 1, 31), padding=15, groups=8),
+                                      "float32").consts)
+    assert long_window["USE_WIN"] == 1 and long_window["CMINB"] == gpu_plane.LONG_WINDOW_THREADS // long_window["NT"]
+    assert "CMINB" not in dict(gpu_plane.plan("forward", dw, "float32").consts)
     # the algorithm leaves dense calls alone
     assert not gpu_plane.Plane().supports("forward", geometry((1, 4, 8, 8), (4, 4, 3, 3)), np.float32)
 

@@ -46,6 +46,7 @@ Every kernel indexes with 64-bit integers.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 
 import cupy as cp
@@ -113,9 +114,19 @@ def _fits32(*arrays):
     return max(a.size for a in arrays) < 2 ** 31
 
 
+def _blocks(total, threads=_THREADS):
+    return max(1, min(-(-int(total) // threads), _MAX_BLOCKS))
+
+
 def _launch(kernel, total, args, threads=_THREADS):
-    blocks = max(1, min(-(-int(total) // threads), _MAX_BLOCKS))
-    kernel((blocks,), (threads,), args)
+    kernel((_blocks(total, threads),), (threads,), args)
+
+
+def _part(a, n0, n1, r0, r1):
+    """a[n0:n1, :, r0:r1] (batch and first output dim of a chunk); ``a`` itself for the whole."""
+    if n0 == 0 and r0 == 0 and n1 == a.shape[0] and r1 == a.shape[2]:
+        return a
+    return a[n0:n1, :, r0:r1]
 
 
 def phase_shuffle(src, groups, stride, grid, to_phases):
@@ -125,29 +136,41 @@ def phase_shuffle(src, groups, stride, grid, to_phases):
     *grid), channels (G, phase, C/G); else the way back.  None where 32-bit indices
     do not reach (the caller then uses the array-module route).
     """
-    nb, nd = src.shape[0], len(stride)
-    channels = src.shape[1]
     if src.size >= 2 ** 31 or not src.flags.c_contiguous or src.dtype.itemsize not in (2, 4, 8):
         return None
+    fn, grid_dims, out_shape, ints = _launch_plan(
+        _shuffle_plans, (cp.cuda.runtime.getDevice(), src.shape, src.dtype.itemsize, groups, tuple(stride),
+                         tuple(grid), bool(to_phases)),
+        lambda: _shuffle_plan(src.shape, src.dtype.itemsize, groups, stride, grid, to_phases))
+    out = cp.empty(out_shape, dtype=src.dtype)
+    fn(grid_dims, (32, 8), (src, out) + ints)
+    return out
+
+
+_shuffle_plans = {}
+
+
+def _shuffle_plan(shape, itemsize, groups, stride, grid, to_phases):
+    """(kernel, grid, result shape, int arguments) of one phase shuffle."""
+    nb, nd = shape[0], len(stride)
+    channels = shape[1]
     pad = 3 - nd
     m = (1,) * pad + tuple(grid)
     s = (1,) * pad + tuple(stride)
     cg = channels // groups if to_phases else channels // (groups * math.prod(stride))
-    key = (cp.cuda.runtime.getDevice(), "phase_shuffle", src.dtype.itemsize)
+    key = (cp.cuda.runtime.getDevice(), "phase_shuffle", itemsize)
     fn = _modules.get(key)
     if fn is None:
-        fn = _modules[key] = cp.RawModule(code=gpu_kernels.shuffle_source(src.dtype.itemsize)).get_function(
+        fn = _modules[key] = cp.RawModule(code=gpu_kernels.shuffle_source(itemsize)).get_function(
             "phase_shuffle")
     if to_phases:
-        out = cp.empty((nb, channels * math.prod(stride)) + tuple(grid), dtype=src.dtype)
+        out_shape = (nb, channels * math.prod(stride)) + tuple(grid)
     else:
-        out = cp.empty((nb, groups * cg) + tuple(a * b for a, b in zip(grid, stride)), dtype=src.dtype)
+        out_shape = (nb, groups * cg) + tuple(a * b for a, b in zip(grid, stride))
     rows = nb * groups * cg * m[0] * s[0] * m[1] * s[1]
-    block = (32, 8)
     grid_dims = (min(-(-m[2] // 32), 1024), min(-(-rows // (8 * gpu_kernels.SHUFFLE_ROWS_PER_THREAD)), 65535))
-    ints = [np.int32(v) for v in (1 if to_phases else 0, nb * groups, cg, *m, *s)]
-    fn(grid_dims, block, (src, out, *ints))
-    return out
+    ints = tuple(np.int32(v) for v in (1 if to_phases else 0, nb * groups, cg, *m, *s))
+    return fn, grid_dims, out_shape, ints
 
 
 def _i64(v):
@@ -158,6 +181,36 @@ _NULL = np.uint64(0)     # a null pointer argument
 
 
 # ------------------------------------------------------------------ algorithms
+
+@functools.lru_cache(maxsize=1024)
+def _im2col_chunks(g, itemsize, limit, copies):
+    """(n0, n1, a, b) chunks of batch and first output dim whose temporaries fit ``limit``."""
+    rest = math.prod(g.y_size[1:])
+    # columns + transposed rows of y (each with its two TF32 parts under tf32x3)
+    # + the result, per output row of one sample
+    per_row = itemsize * rest * (copies * (g.x_channels * g.taps + g.y_channels) + g.y_channels)
+    per_sample = per_row * g.y_size[0]
+    if per_sample <= limit:
+        nb = max(1, min(g.batch, limit // max(per_sample, 1)))
+        return tuple((n0, min(g.batch, n0 + nb), 0, g.y_size[0]) for n0 in range(0, g.batch, nb))
+    rows = max(1, limit // per_row)
+    return tuple((n0, n0 + 1, a, min(g.y_size[0], a + rows))
+                 for n0 in range(g.batch) for a in range(0, g.y_size[0], rows))
+
+
+def _launch_plan(cache, key, build):
+    """``cache[key]``, built by ``build()`` on first use (bounded: cleared past 4096 entries)."""
+    found = cache.get(key)
+    if found is None:
+        if len(cache) > 4096:
+            cache.clear()
+        found = cache[key] = build()
+    return found
+
+
+_column_plans = {}
+_col2im_plans = {}
+
 
 class Im2colGemm(gpu_blas.Fp32Twin, Algorithm):
     """im2col/col2im kernels + one cuBLAS GEMM per group, chunked by the workspace limit."""
@@ -190,54 +243,51 @@ class Im2colGemm(gpu_blas.Fp32Twin, Algorithm):
 
     def _chunks(self, engine, g, itemsize):
         """Split (batch, first output dim) so that one chunk's temporaries fit the limit."""
-        rest = math.prod(g.y_size[1:])
-        # columns + transposed rows of y (each with its two TF32 parts under tf32x3)
-        # + the result, per output row of one sample
         copies = 3 if self.fp32_math == "tf32x3" and itemsize == 4 else 1
-        per_row = itemsize * rest * (copies * (g.x_channels * g.taps + g.y_channels) + g.y_channels)
-        per_sample = per_row * g.y_size[0]
-        limit = engine.workspace_limit
-        if per_sample <= limit:
-            nb = max(1, min(g.batch, limit // max(per_sample, 1)))
-            for n0 in range(0, g.batch, nb):
-                yield n0, min(g.batch, n0 + nb), 0, g.y_size[0]
-            return
-        rows = max(1, limit // per_row)
-        for n0 in range(g.batch):
-            for a in range(0, g.y_size[0], rows):
-                yield n0, n0 + 1, a, min(g.y_size[0], a + rows)
+        return _im2col_chunks(g, itemsize, engine.workspace_limit, copies)
 
     def _columns(self, x, g, n0, n1, a, b, dt, stacked=False):
         """The columns (G, Cx/G*K, nb*P) of batch n0:n1, output rows a:b.  Under tf32x3
         the same kernel writes their TF32 parts: a gpu_blas.Stacked right operand
         ``[hi ; lo]`` per group (``stacked``), else a gpu_blas.Split."""
+        split = gpu_blas.uses_tf32x3(dt, self.fp32_math)
+        key = (cp.cuda.runtime.getDevice(), g, n0, n1, a, b, x.dtype.char, dt.char, split, stacked, _fits32(x))
+        kernel, grid, block, shape, lo_offset, ints = _launch_plan(
+            _column_plans, key, lambda: self._column_plan(x, g, n0, n1, a, b, dt, split, stacked))
+        cols = cp.empty(shape, dtype=dt)
+        # y: one block row per column row (c, tap); x: the (n, p) of that row
+        lo = np.uint64(cols.data.ptr + lo_offset) if split else _NULL
+        kernel(grid, block, (x, cols, lo) + ints)
+        if not split:
+            return cols
+        if stacked:
+            return gpu_blas.Stacked(cols, 2)
+        return gpu_blas.Split(cols[0], cols[1])
+
+    @staticmethod
+    def _column_plan(x, g, n0, n1, a, b, dt, split, stacked):
+        """(kernel, grid, block, shape of the columns, byte offset of their lo part, the
+        kernel's arguments after (x, cols, lo)) of one chunk, worked out once."""
         nb, rows = n1 - n0, b - a
         q, r = nb * rows * math.prod(g.y_size[1:]), g.x_channels * g.taps
         per_group = r // g.groups
-        split = gpu_blas.uses_tf32x3(dt, self.fp32_math)
-        # y: one block row per column row (c, tap); x: the (n, p) of that row
         threads = min(_THREADS, 32 * -(-q // 32))
         grid = (min(-(-q // threads), _MAX_BLOCKS), min(r, 65535))
         kernel = _kernel(g.nd, x.dtype, "im2col", _fits32(x) and 2 * r * q < 2 ** 31)
+        tail = (_geometry_params(g), _i64(n0), _i64(nb), _i64(a), _i64(rows))
         if not split:
-            cols = cp.empty((g.groups, per_group, q), dtype=dt)
-            kernel(grid, (threads,), (x, cols, _NULL, _i64(1), _i64(0), _geometry_params(g),
-                                      _i64(n0), _i64(nb), _i64(a), _i64(rows)))
-            return cols
-        shape = (g.groups, 2, per_group, q) if stacked else (2, g.groups, per_group, q)
-        cols = cp.empty(shape, dtype=dt)
-        lo = cols[:, 1] if stacked else cols[1]
-        kernel(grid, (threads,), (x, cols, lo, _i64(per_group), _i64(per_group if stacked else 0),
-                                  _geometry_params(g), _i64(n0), _i64(nb), _i64(a), _i64(rows)))
-        if stacked:
-            return gpu_blas.Stacked(cols.reshape(g.groups, 2 * per_group, q), 2)
-        return gpu_blas.Split(cols[0], cols[1])
+            return kernel, grid, (threads,), (g.groups, per_group, q), 0, (_i64(1), _i64(0)) + tail
+        if stacked:      # (G, [hi ; lo] rows, Q): each group's hi rows, then its lo rows
+            return (kernel, grid, (threads,), (g.groups, 2 * per_group, q), per_group * q * dt.itemsize,
+                    (_i64(per_group), _i64(per_group)) + tail)
+        return (kernel, grid, (threads,), (2, g.groups, per_group, q), g.groups * per_group * q * dt.itemsize,
+                (_i64(per_group), _i64(0)) + tail)
 
     @staticmethod
     def _rows_t(gy, g, n0, n1, a, b, dt):
         """gy[n0:n1, :, a:b] as (G, Cy/G, nb*P), in the compute dtype."""
         nb = n1 - n0
-        part = gy[n0:n1, :, a:b].reshape(nb, g.y_channels, -1).transpose(1, 0, 2)
+        part = _part(gy, n0, n1, a, b).reshape(nb, g.y_channels, -1).transpose(1, 0, 2)
         part = cp.ascontiguousarray(part, dtype=dt)
         return part.reshape(g.groups, g.y_channels // g.groups, -1)
 
@@ -273,7 +323,7 @@ class Im2colGemm(gpu_blas.Fp32Twin, Algorithm):
         for n0, n1, a, b in self._chunks(engine, g, dt.itemsize):
             if stacked:      # gy[n0:n1, :, a:b] as (G, Cy/G, nb, P), stacked along Cy/G
                 nb, yg = n1 - n0, g.y_channels // g.groups
-                rows = gy[n0:n1, :, a:b].reshape(nb, g.groups, yg, -1).transpose(1, 2, 0, 3)
+                rows = _part(gy, n0, n1, a, b).reshape(nb, g.groups, yg, -1).transpose(1, 2, 0, 3)
                 gyt = gpu_blas.stack_b(rows, 3)
             else:
                 gyt = self._rows_t(gy, g, n0, n1, a, b, dt)
@@ -281,9 +331,13 @@ class Im2colGemm(gpu_blas.Fp32Twin, Algorithm):
             engine._note(gcols, *gpu_blas.arrays(gyt))
             del gyt
             if (a, b) == (0, g.y_size[0]):
-                _launch(_kernel(g.nd, gy.dtype, "col2im_store", _fits32(gcols, gx)),
-                        (n1 - n0) * g.x_channels * math.prod(g.x_size),
-                        (gcols, gx, params, _i64(n0), _i64(n1 - n0)))
+                fits = _fits32(gcols, gx)
+                fn, blocks, ints = _launch_plan(
+                    _col2im_plans, (cp.cuda.runtime.getDevice(), g, gy.dtype.char, fits, n0, n1),
+                    lambda: (_kernel(g.nd, gy.dtype, "col2im_store", fits),
+                             _blocks((n1 - n0) * g.x_channels * math.prod(g.x_size)),
+                             (params, _i64(n0), _i64(n1 - n0))))
+                fn((blocks,), (_THREADS,), (gcols, gx) + ints)
                 continue
             # Row chunks of one sample overlap in the input rows they feed: add them, in
             # chunk order, into a float buffer of that sample.
@@ -310,7 +364,7 @@ class Im2colGemm(gpu_blas.Fp32Twin, Algorithm):
             xv = x.reshape(g.batch, g.groups, g.x_channels // g.groups, -1).astype(dt, copy=False)
             # per-sample sums over the positions: tf32x3 only while they stay short
             math_ = self.fp32_math if math.prod(g.y_size) <= gpu_blas.TF32X3_MAX_K else "ieee"
-            gw = _per_group(gyv, xv.transpose(0, 1, 3, 2), math_).sum(axis=0)
+            gw = sum_batch(_per_group(gyv, xv.transpose(0, 1, 3, 2), math_))
             return gw.reshape(g.w_shape).astype(x.dtype, copy=False)
         gw = None
         for n0, n1, a, b in self._chunks(engine, g, dt.itemsize):
@@ -324,7 +378,6 @@ class Im2colGemm(gpu_blas.Fp32Twin, Algorithm):
             gw = part if gw is None else gw + part
         return gw.reshape(g.w_shape).astype(x.dtype, copy=False)
 
-
     @staticmethod
     def _weight_pieces(gyt, cols):
         """tf32x3 ``gyt @ cols.T`` per group with the long sum over positions cut into
@@ -332,7 +385,9 @@ class Im2colGemm(gpu_blas.Fp32Twin, Algorithm):
         float32 sum of their results (the tensor cores err more on longer sums)."""
         groups, yg, q = gyt.hi.shape
         rows = cols.hi.shape[1]
-        step = gpu_blas.TF32X3_MAX_K
+        # the fewest pieces of at most TF32X3_MAX_K, as even as 16-byte steps allow
+        # (a short rest piece would cost GEMM calls of its own)
+        step = 4 * -(-q // (4 * -(-q // gpu_blas.TF32X3_MAX_K)))
         full, rest = divmod(q, step)
         out = cp.empty((groups, full + (rest > 0), yg, rows), np.float32)
         item = np.dtype(np.float32).itemsize
@@ -406,6 +461,26 @@ def _per_group(a, b, fp32_math):
     parts = [gpu_blas.matmul(a[:, i] if per_sample else a[i:i + 1], b[:, i], fp32_math=fp32_math)
              for i in range(groups)]
     return parts[0][:, None] if groups == 1 else cp.stack(parts, axis=1)
+
+
+def sum_batch(a):
+    """``a.sum(axis=0)`` of a float32/float64 array, each element summed in batch order
+    in one kernel (deterministic; a CuPy reduction costs several times its host time)."""
+    if a.dtype.char not in "fd" or a.ndim < 2:
+        return a.sum(axis=0)
+    if a.shape[0] == 0:
+        return cp.zeros(a.shape[1:], dtype=a.dtype)
+    a = cp.ascontiguousarray(a)
+    out = cp.empty(a.shape[1:], dtype=a.dtype)
+    m = out.size
+    if m:
+        key = (cp.cuda.runtime.getDevice(), "sum_batch", a.dtype.char)
+        fn = _modules.get(key)
+        if fn is None:
+            fn = _modules[key] = cp.RawModule(code=gpu_kernels.SUM_BATCH_SOURCE).get_function(
+                "sum_batch_" + a.dtype.char)
+        fn((_blocks(m),), (_THREADS,), (a, out, np.int64(a.shape[0]), np.int64(m)))
+    return out
 
 
 def pointwise(g):

@@ -48,6 +48,9 @@ _COMPUTE_32F_FAST_TF32 = 77     # cublasComputeType_t
 _GEMM_DEFAULT = -1              # cublasGemmAlgo_t
 _ONE = {np.dtype(np.float32): np.array(1, np.float32), np.dtype(np.float64): np.array(1, np.float64)}
 _ZERO = {np.dtype(np.float32): np.array(0, np.float32), np.dtype(np.float64): np.array(0, np.float64)}
+# host addresses of alpha and beta (the arrays above live as long as the module)
+_ONE_PTR = {t: a.ctypes.data for t, a in _ONE.items()}
+_ZERO_PTR = {t: a.ctypes.data for t, a in _ZERO.items()}
 _GEMM_NAMES = {np.dtype(np.float32): "sgemmStridedBatched", np.dtype(np.float64): "dgemmStridedBatched"}
 _cublas = None
 _tf32_devices = {}
@@ -135,6 +138,77 @@ def _splitter(copies):
     return fn
 
 
+_stack_functions = {}
+_stack_plans = {}
+_F32 = np.dtype(np.float32)
+
+
+def _c_strides(shape):
+    """C-order strides of ``shape``, in elements."""
+    out, step = [], 1
+    for n in reversed(shape):
+        out.append(step)
+        step *= n
+    return tuple(reversed(out))
+
+
+def _stack_plan(shape, src_strides, dst_strides, h2):
+    """The launch of the ``tf32_stack`` kernel for a source of ``shape`` and byte strides
+    ``src_strides`` written with element strides ``dst_strides`` (see gpu_kernels), or
+    None where more than 4 dims remain once size-1 dims are dropped and adjacent dims
+    that both layouts keep contiguous are merged.  Worked out once per layout."""
+    dev = cp.cuda.runtime.getDevice()
+    key = (dev, shape, src_strides, dst_strides, h2)
+    found = _stack_plans.get(key, False)
+    if found is not False:
+        return found
+    dims = []
+    ok = all(st % 4 == 0 for st in src_strides)
+    for n, st, d in zip(shape, src_strides, dst_strides):
+        if n == 1 or not ok:
+            continue
+        st //= 4
+        if dims and dims[-1][1] == n * st and dims[-1][2] == n * d:
+            dims[-1] = (dims[-1][0] * n, st, d)
+        else:
+            dims.append((n, st, d))
+    if not ok or len(dims) > 4:
+        found = None
+    else:
+        dims = [(1, 0, 0)] * (4 - len(dims)) + dims
+        (n0, s0, d0), (n1, s1, d1), (n2, s2, d2), (n3, s3, d3) = dims
+        params = cp.asarray(np.array([n1, n2, n3, s0, s1, s2, s3, d0, d1, d2, d3, h2], np.int64))
+        rows = n0 * n1 * n2
+        threads = 256 if n3 >= 256 else 32 * -(-n3 // 32)
+        grid_y = min(rows, 65535)
+        grid_x = max(1, min(-(-n3 // threads), (1 << 20) // grid_y))
+        found = ((grid_x, grid_y), (threads,), params, np.int64(rows))
+    if len(_stack_plans) > 1024:
+        _stack_plans.clear()
+    _stack_plans[key] = found
+    return found
+
+
+def _stack(a, hi, lo, dst_strides, h2=-1):
+    """Write the TF32 parts of ``a`` (float32, any strides) through the raw kernel: hi and
+    lo at device addresses ``hi``/``lo`` with element strides ``dst_strides``, hi again
+    ``h2`` elements past hi when h2 >= 0.  False (nothing written) where it does not apply."""
+    if a.dtype != _F32:
+        return False
+    if not a.size:
+        return True
+    plan = _stack_plan(a.shape, a.strides, dst_strides, h2)
+    if plan is None:
+        return False
+    grid, block, params, rows = plan
+    dev = cp.cuda.runtime.getDevice()
+    fn = _stack_functions.get(dev)
+    if fn is None:
+        fn = _stack_functions[dev] = cp.RawModule(code=gpu_kernels.STACK_SOURCE).get_function("tf32_stack")
+    fn(grid, block, (a, np.uint64(hi), np.uint64(lo), params, rows))
+    return True
+
+
 def split(a, out=None):
     """``a`` (float32, any strides) as a :class:`Split` of two TF32-exact float32 arrays.
 
@@ -142,26 +216,39 @@ def split(a, out=None):
     """
     if out is None:
         out = Split(cp.empty(a.shape, np.float32), cp.empty(a.shape, np.float32))
-    _splitter(2)(a, out.hi, out.lo)
+        dst = _c_strides(a.shape)
+    else:
+        dst = None
+        if out.hi.strides == out.lo.strides and all(st % 4 == 0 for st in out.hi.strides):
+            dst = tuple(st // 4 for st in out.hi.strides)
+    if dst is None or not _stack(a, out.hi.data.ptr, out.lo.data.ptr, dst):
+        _splitter(2)(a, out.hi, out.lo)
     return out
 
 
 def stack_a(a, blocks):
     """A left operand (B, M, K) as :class:`Stacked` ``(B, M, blocks*K)``: ``[lo | hi | hi]``."""
-    k = a.shape[2]
-    data = cp.empty(a.shape[:2] + (blocks * k,), np.float32)
-    parts = (data[:, :, k:2 * k], data[:, :, :k]) + ((data[:, :, 2 * k:],) if blocks == 3 else ())
-    _splitter(blocks)(a, *parts)
+    b, m, k = a.shape
+    data = cp.empty((b, m, blocks * k), np.float32)
+    ptr = data.data.ptr
+    if not _stack(a, ptr + 4 * k, ptr, (m * blocks * k, blocks * k, 1), k if blocks == 3 else -1):
+        parts = (data[:, :, k:2 * k], data[:, :, :k]) + ((data[:, :, 2 * k:],) if blocks == 3 else ())
+        _splitter(blocks)(a, *parts)
     return Stacked(data, blocks)
 
 
 def stack_b(b, blocks):
     """A right operand (B, K, N) as :class:`Stacked` ``(B, blocks*K, N)``: ``[hi ; lo ; hi]``.
     ``b`` may also be (B, K, n1, n2, ...) with N = n1*n2*... (any strides)."""
-    k, n = b.shape[1], math.prod(b.shape[2:])
-    data = cp.empty((b.shape[0], blocks * k, n), np.float32)
-    parts = data.reshape((b.shape[0], blocks) + b.shape[1:])
-    _splitter(blocks)(b, *(parts[:, i] for i in range(blocks)))
+    shape = b.shape
+    k = shape[1]
+    n = math.prod(shape[2:])
+    data = cp.empty((shape[0], blocks * k, n), np.float32)
+    ptr = data.data.ptr
+    dst = (blocks * k * n, n) + _c_strides(shape[2:])
+    if not _stack(b, ptr, ptr + 4 * k * n, dst, 2 * k * n if blocks == 3 else -1):
+        parts = data.reshape((shape[0], blocks) + shape[1:])
+        _splitter(blocks)(b, *(parts[:, i] for i in range(blocks)))
     return Stacked(data, blocks)
 
 
@@ -191,27 +278,49 @@ def _operand(a):
 
 def _gemm(a, b, out, accumulate, tf32):
     """out (+)= a @ b in one cuBLAS call; shapes and strides already checked by matmul."""
-    batch, m, n = out.shape
     k = a.shape[2]
-    item = a.itemsize
     op_a, lda, sa, a = _operand(a)
     op_b, ldb, sb, b = _operand(b)
-    ldc = max(n, out.strides[1] // item)
-    sc = out.strides[0] // item
-    cublas = _lib()
+    _gemm_ptr(out, k, a.dtype, (op_a, lda, sa, a.data.ptr), (op_b, ldb, sb, b.data.ptr), accumulate, tf32)
+
+
+def _gemm_ptr(out, k, dtype, da, db, accumulate, tf32):
+    """out (+)= A @ B in one cuBLAS call, A and B given as (op, leading dim, batch stride,
+    device address), as :func:`_operand` describes them."""
+    batch, m, n = out.shape
+    item = dtype.itemsize
+    so0, so1 = out.strides[:2]
+    ldc = max(n, so1 // item)
+    sc = so0 // item
+    cublas = _cublas or _lib()
     handle = cp.cuda.device.get_cublas_handle()
     cublas.setStream(handle, cp.cuda.get_current_stream().ptr)
-    beta = (_ONE if accumulate else _ZERO)[a.dtype].ctypes.data
+    beta = (_ONE_PTR if accumulate else _ZERO_PTR)[dtype]
+    op_a, lda, sa, pa = da
+    op_b, ldb, sb, pb = db
     # Row-major C = A B is column-major C^T = B^T A^T: cuBLAS gets (b, a) swapped.
     if tf32:
-        cublas.gemmStridedBatchedEx(handle, op_b, op_a, n, m, k, _ONE[a.dtype].ctypes.data,
-                                    b.data.ptr, _CUDA_R_32F, ldb, sb, a.data.ptr, _CUDA_R_32F, lda, sa,
+        cublas.gemmStridedBatchedEx(handle, op_b, op_a, n, m, k, _ONE_PTR[dtype],
+                                    pb, _CUDA_R_32F, ldb, sb, pa, _CUDA_R_32F, lda, sa,
                                     beta, out.data.ptr, _CUDA_R_32F, ldc, sc, batch,
                                     _COMPUTE_32F_FAST_TF32, _GEMM_DEFAULT)
     else:
-        gemm = getattr(cublas, _GEMM_NAMES[a.dtype])
-        gemm(handle, op_b, op_a, n, m, k, _ONE[a.dtype].ctypes.data, b.data.ptr, ldb, sb,
-             a.data.ptr, lda, sa, beta, out.data.ptr, ldc, sc, batch)
+        gemm = getattr(cublas, _GEMM_NAMES[dtype])
+        gemm(handle, op_b, op_a, n, m, k, _ONE_PTR[dtype], pb, ldb, sb, pa, lda, sa, beta, out.data.ptr,
+             ldc, sc, batch)
+
+
+def _stacked_gemm(a, b, k0, kk, out, accumulate):
+    """out (+)= columns k0:k0+kk of Stacked ``a`` @ rows 0:kk of Stacked ``b`` (tf32x3), on
+    the stacked arrays themselves where they are C-ordered (no sliced views)."""
+    da, db = a.data, b.data
+    if da.flags.c_contiguous and db.flags.c_contiguous:
+        batch_a, m, wa = da.shape
+        batch_b, _, n = db.shape
+        _gemm_ptr(out, kk, _F32, (_OP_N, wa, 0 if batch_a == 1 else m * wa, da.data.ptr + 4 * k0),
+                  (_OP_N, n, 0 if batch_b == 1 else db.shape[1] * n, db.data.ptr), accumulate, True)
+    else:
+        _gemm(da[:, :, k0:k0 + kk], db[:, :kk], out, accumulate, True)
 
 
 def _logical(op, side):
@@ -277,10 +386,10 @@ def matmul(a, b, out=None, accumulate=False, fp32_math="ieee"):
     a = a if isinstance(a, Stacked) else stack_a(a, blocks)
     b = b if isinstance(b, Stacked) else stack_b(b, blocks)
     if blocks == 3:
-        _gemm(a.data[:, :, :3 * k], b.data[:, :3 * k], out, accumulate, True)
+        _stacked_gemm(a, b, 0, 3 * k, out, accumulate)
     else:
-        _gemm(a.data[:, :, :2 * k], b.data[:, :2 * k], out, accumulate, True)   # lo_a hi_b + hi_a lo_b
-        _gemm(a.data[:, :, k:2 * k], b.data[:, :k], out, True, True)             # + hi_a hi_b
+        _stacked_gemm(a, b, 0, 2 * k, out, accumulate)   # lo_a hi_b + hi_a lo_b
+        _stacked_gemm(a, b, k, k, out, True)              # + hi_a hi_b
     return out
 
 

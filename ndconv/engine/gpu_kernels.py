@@ -25,11 +25,8 @@ Kernels:
 WGRAD_THREADS = 256
 
 # Loads and stores of the storage type T in the accumulation type ACC: float16 goes
-# through PTX conversions (no cuda_fp16.h needed); NDCONV_EMULATE swaps in host
-# versions so the kernels can be checked with a C++ compiler.
-_HALF_IO = r"""#ifdef NDCONV_EMULATE
-#include "emulate_half.h"
-#elif IS_HALF
+# through PTX conversions (no cuda_fp16.h needed).
+_HALF_IO = r"""#if IS_HALF
 __device__ __forceinline__ ACC ld(const T* p, i64 i) {
     float f;
     unsigned short h = p[i];
@@ -435,6 +432,55 @@ __device__ __forceinline__ void tf32_split(double v, double& hi, double& lo) { h
 """
 
 
+# The TF32 parts of a float32 array of up to 4 dims (any strides), written where
+# gpu_blas's split and stacked operands want them: hi at hi + D(i), lo at lo + D(i),
+# and, with h2 >= 0, hi again at hi + h2 + D(i), where D and the source offset are
+# the dims' strides (elements) dotted with the index.  p = [n1, n2, n3, s0..s3,
+# d0..d3, h2] (n0 is implied by the row count).  Grid: x along the last dim, y over
+# the rows (the other three dims), so each row's offsets are worked out once.
+STACK_SOURCE = r"""
+typedef long long i64;
+""" + TF32_SPLIT + r"""
+extern "C" __global__ void tf32_stack(const float* __restrict__ src, float* __restrict__ hi,
+                                      float* __restrict__ lo, const i64* __restrict__ p, i64 rows) {
+    const i64 n1 = p[0], n2 = p[1], n3 = p[2];
+    const i64 s0 = p[3], s1 = p[4], s2 = p[5], s3 = p[6];
+    const i64 d0 = p[7], d1 = p[8], d2 = p[9], d3 = p[10], h2 = p[11];
+    for (i64 r = blockIdx.y; r < rows; r += gridDim.y) {
+        const i64 i2 = r % n2, t = r / n2;
+        const i64 i1 = t % n1, i0 = t / n1;
+        const float* s = src + i0 * s0 + i1 * s1 + i2 * s2;
+        const i64 d = i0 * d0 + i1 * d1 + i2 * d2;
+        for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < n3; i += (i64)blockDim.x * gridDim.x) {
+            float h, l;
+            tf32_split(s[i * s3], h, l);
+            const i64 o = d + i * d3;
+            hi[o] = h;
+            lo[o] = l;
+            if (h2 >= 0) hi[o + h2] = h;
+        }
+    }
+}
+"""
+
+
+# out[j] = sum over i of a[i, j], i in order (a: (n, m), C order): a batch sum whose
+# rounding never depends on the launch.
+SUM_BATCH_SOURCE = r"""
+typedef long long i64;
+template <typename T>
+__device__ __forceinline__ void sum_batch(const T* __restrict__ a, T* __restrict__ out, i64 n, i64 m) {
+    for (i64 j = (i64)blockIdx.x * blockDim.x + threadIdx.x; j < m; j += (i64)blockDim.x * gridDim.x) {
+        T s = a[j];
+        for (i64 i = 1; i < n; ++i) s += a[i * m + j];
+        out[j] = s;
+    }
+}
+extern "C" __global__ void sum_batch_f(const float* a, float* out, i64 n, i64 m) { sum_batch(a, out, n, m); }
+extern "C" __global__ void sum_batch_d(const double* a, double* out, i64 n, i64 m) { sum_batch(a, out, n, m); }
+"""
+
+
 def source(nd, dtype_name, index32=False):
     """The CUDA source for ``nd`` spatial dims and one of float16/float32/float64.
 
@@ -821,7 +867,8 @@ def tiled_source(dtype_name, kernel, stride, dilation, bx, by, vx, vec, use_wind
 # per thread along X, VEC values per shared-memory load, NT threads, FLIP (input
 # gradient: gy in, kernel flipped, group block transposed), USE_WIN, VST (vector
 # stores), FILL_VEC (16-byte loads of the input possible), MINB (weight gradient: blocks
-# per SM the registers must leave room for), WGRAD (which kernels the module holds), CHUNK (weight gradient: steps per part).
+# per SM the registers must leave room for; CMINB the same for plane_conv), WGRAD (which
+# kernels the module holds), CHUNK (weight gradient: steps per part).
 #
 #   plane_conv          dst[n, grp*COG+o] = sum_{ic, k} w * src[n, grp*CIG+ic]
 #   plane_wgrad         partial[(cob, icb, part), o, ic, tap] = sum over the part's
@@ -998,7 +1045,12 @@ __device__ __forceinline__ void store_outputs(T* p, int ox0, const ACC* a) {
 }
 
 #if !WGRAD
-extern "C" __global__ void __launch_bounds__(NT)
+#if CMINB > 1
+#define CONV_BOUNDS __launch_bounds__(NT, CMINB)
+#else
+#define CONV_BOUNDS __launch_bounds__(NT)
+#endif
+extern "C" __global__ void CONV_BOUNDS
 plane_conv(const T* __restrict__ x, const T* __restrict__ w, T* __restrict__ y,
            i64 Csrc, i64 Cdst, i64 N, int aligned) {
     __shared__ __align__(16) ACC sx[CIG * SLAB];
@@ -1198,7 +1250,8 @@ def plane_source(dtype_name, consts):
     vx, yx = consts["VX"], consts["YX"]
     vst = int((storage in ("float", "unsigned short") and vx == 4 or storage == "double" and vx == 2)
               and yx % vx == 0)
-    for name, value in (("CHUNK", 1), ("CIB", consts["CIG"]), ("ICBLK", 1), ("OCB", 1), ("FILL_VEC", 0), ("MINB", 1)):
+    for name, value in (("CHUNK", 1), ("CIB", consts["CIG"]), ("ICBLK", 1), ("OCB", 1), ("FILL_VEC", 0), ("MINB", 1),
+                        ("CMINB", 1)):
         consts.setdefault(name, value)
     defines = "\n".join(f"#define {k} {int(v)}" for k, v in sorted(consts.items())) + f"\n#define VST {vst}"
     return (_PLANE_TEMPLATE.replace("__HALF_IO__", _HALF_IO).replace("__LOAD_WIN__", _LOAD_WIN)

@@ -160,13 +160,24 @@ def weight_transposed(xp, w, g, dt):
     return xp.ascontiguousarray(wp).reshape(geometry(g, transposed=True).w_shape)
 
 
+@functools.lru_cache(maxsize=256)
+def _gather_identity(kernel, dilation, stride):
+    """True when every phase tap is a real tap, in the real taps' order (e.g. k = s)."""
+    order = _gather_order(kernel, dilation, stride)
+    return (order.size == _tap_index(kernel, dilation, stride, False).size
+            and bool(np.array_equal(order, np.arange(order.size))))
+
+
 def weight_gather(xp, gw, g):
     """Weight gradient of the phase form back to the real taps: (Cy, Cx/G, *kernel)."""
     cg = g.x_channels // g.groups
     _, _, extent = taps(g)
     s = math.prod(g.stride)
     # (Cy, (r, c), *Q) -> (Cy, c, r*Q) -> the taps' entries
-    v = gw.reshape((g.y_channels, s, cg, math.prod(extent))).swapaxes(1, 2).reshape(g.y_channels, cg, -1)
+    v = gw.reshape((g.y_channels, s, cg, math.prod(extent))).swapaxes(1, 2)
+    if _gather_identity(g.kernel, g.dilation, g.stride):    # (c, r*Q) is the kernel already
+        return xp.ascontiguousarray(v).reshape(g.w_shape)
+    v = v.reshape(g.y_channels, cg, -1)
     order = _on(xp, _gather_order(g.kernel, g.dilation, g.stride))
     return xp.ascontiguousarray(v[..., order]).reshape(g.w_shape)
 
@@ -328,7 +339,7 @@ def run_in_chunks(xp, engine, op, g, per_sample, dtype, part):
     else placed along the batch of a ``dtype`` result."""
     out = None
     for n0, n1 in batch_chunks(engine, g, per_sample):
-        piece = part(n0, n1, g.with_batch(n1 - n0))
+        piece = part(n0, n1, g if n1 - n0 == g.batch else g.with_batch(n1 - n0))
         if op == "backward_weight":
             out = piece if out is None else out + piece
         elif n0 == 0 and n1 == g.batch:
@@ -432,17 +443,20 @@ class Phases(Algorithm):
             w = weight_transposed(xp, b, g, dt)
 
         def part(n0, n1, gc):
+            whole = n1 - n0 == g.batch
+            an = a if whole else a[n0:n1]
             if op == "forward":
-                xs = space_to_depth(xp, a[n0:n1], gc, dt)
+                xs = space_to_depth(xp, an, gc, dt)
                 engine._note(xs)
                 return engine._run("forward", xs, w, geometry(gc), inner=True)
             if op == "backward_input":
-                ph = engine._run("forward", a[n0:n1], w, geometry(gc, transposed=True), inner=True)
+                ph = engine._run("forward", an, w, geometry(gc, transposed=True), inner=True)
                 engine._note(ph)
                 return depth_to_space(xp, ph, gc)
-            xs = space_to_depth(xp, a[n0:n1], gc, dt)
+            xs = space_to_depth(xp, an, gc, dt)
             engine._note(xs)
-            return engine._run("backward_weight", xs, xp.ascontiguousarray(b[n0:n1]), geometry(gc), inner=True)
+            return engine._run("backward_weight", xs, xp.ascontiguousarray(b if whole else b[n0:n1]),
+                               geometry(gc), inner=True)
 
         out = run_in_chunks(xp, engine, op, g, per_sample, dt, part)
         return weight_gather(xp, out, g) if op == "backward_weight" else out
