@@ -402,6 +402,8 @@ class Im2colGemm(gpu_blas.Fp32Twin, Algorithm):
                 ar = gpu_blas.view(a, lambda v: v[None, :, full * step:])
                 br = gpu_blas.view(b, lambda v: v[None, :, full * step:].transpose(0, 2, 1))
                 gpu_blas.matmul(ar, br, out=out[gi, full:])
+        if groups == 1:
+            return sum_batch(out[0])[None]                                   # (1, Cy, Cx*K)
         return out.sum(axis=1)                                               # (G, Cy/G, Cx/G*K)
 
 
