@@ -21,6 +21,12 @@ Algorithms (``CPUEngine.algorithms``):
   in cache (``cpu_blas``: NumPy's own OpenBLAS, called with strides and beta = 1).
   For channel counts where per-tap GEMMs are large enough (at least
   ``TAPS_MIN_CHANNELS`` per group).
+* ``direct`` - register-blocked compiled tiles (``cpu_direct``, numba) over a
+  channels-last copy of the padded input: each tile keeps up to 6 outputs x 64
+  channels in vector registers for the whole sum over taps and input channels.
+  Strides natively in the forward and weight gradient; the input gradient is the
+  flipped forward (through phases when strided).  The untuned choice for kernels
+  larger than 1x1 with at least 16 channels per group.
 * ``depthwise`` - compiled loops (numba) when each group reads one channel.
 * ``grouped`` - compiled direct loops (numba) for a few channels per group, where
   the per-group GEMMs are too small for BLAS (see ``cpu_grouped``).
@@ -96,8 +102,11 @@ class CPUEngine:
             return (gr.AVAILABLE and g.groups > 1 and g.x_channels != g.groups
                     and g.x_channels // g.groups <= GROUPED_MAX and g.y_channels // g.groups <= GROUPED_MAX
                     and gr.buffer_bytes(g, itemsize, _threads()) <= self.workspace_limit)
-        if algorithm == "direct" and not (cd.AVAILABLE and itemsize in (4, 8)):
-            return False
+        if algorithm == "direct":
+            if not (cd.AVAILABLE and itemsize in (4, 8)):
+                return False
+            if op != "backward_input":              # any stride; the input gradient goes on below
+                return one
         if algorithm == "taps" and not (cpu_blas.AVAILABLE and g.x_channels // g.groups >= TAPS_MIN_CHANNELS
                                         and g.y_channels // g.groups >= TAPS_MIN_CHANNELS):
             return False
@@ -115,8 +124,12 @@ class CPUEngine:
 
         The grouped loops lose to one GEMM per sample for 1x1 kernels (measured 2.5x
         slower with 16 channels per group); with a larger kernel they were at least as
-        fast as the BLAS paths up to 32 channels per group.
+        fast as the BLAS paths up to 32 channels per group.  The direct tiles lose on
+        1x1 kernels too (4.7x on c2d_1x1) and waste lanes on narrow groups.
         """
+        if algorithm == "direct":
+            # register tiles pay once a tile's columns are filled; 1x1 kernels are one GEMM
+            return g.taps > 1 and g.y_channels // g.groups >= 16 and g.x_channels // g.groups >= 16
         return not (algorithm == "grouped" and g.taps == 1)
 
     def choose(self, op, g, dtype):
@@ -203,6 +216,10 @@ class CPUEngine:
             y = self._forward_depthwise(x, w, g, dt)
         elif algorithm == "grouped":
             y = self._forward_grouped(x, w, g, dt)
+        elif algorithm == "direct":                     # strides natively, no phases
+            y = np.empty(g.y_shape, dtype=dt)
+            for n0, n1 in self._batches(g, dt):
+                self._forward_direct(x[n0:n1], w, g.with_batch(n1 - n0), dt, y[n0:n1])
         elif algorithm in FLAT_FAMILY:
             y = np.empty(g.y_shape, dtype=dt)
             for n0, n1 in self._batches(g, dt):
@@ -255,6 +272,11 @@ class CPUEngine:
             gw = self._backward_weight_depthwise(x, gy, g, dt)
         elif algorithm == "grouped":
             gw = self._backward_weight_grouped(x, gy, g, dt)
+        elif algorithm == "direct":
+            gw = None
+            for n0, n1 in self._batches(g, dt):
+                part = self._backward_weight_direct(x[n0:n1], gy[n0:n1], g.with_batch(n1 - n0), dt)
+                gw = part if gw is None else gw + part
         elif algorithm in FLAT_FAMILY:
             gw = None
             for n0, n1 in self._batches(g, dt):
@@ -488,17 +510,17 @@ class CPUEngine:
 
     # ------------------------------------------------------------ direct: register tiles, channels last
 
-    def _direct_layout(self, g, dt):
-        """Padded grid, tap offsets, and the padded position count L (a multiple of the tile rows)."""
+    def _direct_grid(self, g):
+        """The padded grid the windows read (channels-last rows of xl) and the tap offsets on it."""
         need = need_extent(g)
         pitch = [math.prod(need[i + 1:]) for i in range(g.nd)]
         offsets = np.array([sum(k * d * p for k, d, p in zip(tap, g.dilation, pitch)) for tap in np.ndindex(*g.kernel)],
                            dtype=np.int64)
-        return need, offsets, cd.round_up(g.batch * math.prod(need), cd.ROW_MULTIPLE)
+        return need, offsets
 
     def _direct_pack(self, a, channels, size, lo, need, rows, columns, dt):
-        """a (nb, channels, *size) -> (rows, len(columns)) channels last on the padded grid;
-        ``columns[j]`` is the channel in column j, or -1 for a zero column."""
+        """a (nb, channels, *size) -> (rows, len(columns)) channels last on the padded grid
+        ``need``; ``columns[j]`` is the channel in column j, or -1 for a zero column."""
         src = cd.position_map(a.shape[0], need, size, lo, channels, rows)
         cmap = np.where(columns >= 0, columns * math.prod(size), -1).astype(np.int64)
         out = np.empty((rows, len(columns)), dtype=dt)
@@ -507,48 +529,59 @@ class CPUEngine:
 
     @staticmethod
     def _direct_columns(g, dt):
-        """Output channels padded per group to whole vectors: (Cy/G padded, column of each channel)."""
+        """Output channels padded per group to whole vectors: (Cy/G padded, column of each
+        channel, vectors per tile, the tile rows of every column block)."""
         yg = g.y_channels // g.groups
-        ygp = cd.round_up(yg, cd.lanes(dt))
+        lanes = cd.lanes(dt)
+        ygp = cd.round_up(yg, lanes)
         c = np.arange(g.y_channels)
-        return ygp, (c // yg) * ygp + c % yg
+        nv = cd.vectors(ygp, dt)
+        tail = (ygp % (nv * lanes)) // lanes
+        rows = {cd.MR_FOR[nv]} | ({cd.MR_FOR[tail]} if tail else set())
+        return ygp, (c // yg) * ygp + c % yg, nv, rows
 
     def _forward_direct(self, x, w, g, dt, y):
-        """y = conv(x, w), stride 1: cpu_direct's register tiles over the channels-last padded grid."""
-        need, offsets, rows = self._direct_layout(g, dt)
+        """y = conv(x, w), any stride: cpu_direct's register tiles over channels-last rows."""
+        need, offsets = self._direct_grid(g)
         cg, yg, ng = g.x_channels // g.groups, g.y_channels // g.groups, g.groups
-        ygp, cols = self._direct_columns(g, dt)
-        xl = self._direct_pack(x, g.x_channels, g.x_size, g.pad_lo, need, rows + int(offsets[-1]),
-                               np.arange(g.x_channels), dt)
+        ygp, cols, nv, tile_rows = self._direct_columns(g, dt)
+        items, _ = cd.segments(g, cd.SEGMENT)
+        seg = min(g.y_size[-1], cd.SEGMENT)
+        pitch = max(cd.round_up(seg, r) for r in tile_rows)        # a segment's rows in the job's tile
+        per_job = max(1, min(cd.BLOCK // pitch, -(-len(items) // (2 * _threads()))))
+        # the last tile of a segment reads up to 15 positions past its end
+        xl = self._direct_pack(x, g.x_channels, g.x_size, g.pad_lo, need,
+                               g.batch * math.prod(need) + 16 * g.stride[-1], np.arange(g.x_channels), dt)
         # (Cy, Cx/G, *k) -> (G, K, Cx/G, Cy/G), output channels padded with zeros
         wl = np.zeros((ng, g.taps, cg, ygp), dtype=dt)
         wl[..., :yg] = np.asarray(w, dtype=dt).reshape(ng, yg, cg, g.taps).transpose(0, 3, 2, 1)
-        yl = np.empty((rows, ng * ygp), dtype=dt)
-        self._note(xl, yl)
-        cd.forward(xl, wl, offsets, yl, ng, cg, cd.vectors(ygp, dt), cd.BLOCK)
-        dest = cd.position_map(g.batch, need, g.y_size, (0,) * g.nd, g.y_channels, rows)
+        self._note(xl, wl)
         if not y.flags.c_contiguous:
             raise ValueError("direct: the output buffer must be C-contiguous")
-        cd.unpack(yl, dest, cols, math.prod(g.y_size), y.reshape(-1))
+        kc = max(8, cd.WEIGHT_BYTES // (g.taps * nv * cd.VECTOR_BYTES))
+        cd.forward(xl, wl, offsets, ng, cg, nv, kc, items, g.stride[-1], pitch, per_job, cols,
+                   math.prod(g.y_size), y.reshape(-1))
         return y
 
     def _backward_weight_direct(self, x, gy, g, dt):
-        """gw_t = sum over grid positions of xl (shifted by tap t) times gy on the same grid."""
-        need, offsets, rows = self._direct_layout(g, dt)
+        """gw_t = sum over output positions of x at the tap's window position times gy."""
+        need, offsets = self._direct_grid(g)
         cg, yg, ng = g.x_channels // g.groups, g.y_channels // g.groups, g.groups
-        ygp, cols = self._direct_columns(g, dt)
-        nv = cd.vectors(ygp, dt)
-        tail = (ygp % (nv * cd.lanes(dt))) // cd.lanes(dt)
-        cgp = cd.round_up(cg, math.lcm(cd.MR_FOR[nv], cd.MR_FOR[tail] if tail else 1))
+        ygp, cols, nv, tile_rows = self._direct_columns(g, dt)
+        cgp = cd.round_up(cg, math.lcm(*tile_rows))
+        _, items = cd.segments(g, cd.SEGMENT)
         xcols = np.arange((ng - 1) * cg + cgp)
-        xl = self._direct_pack(x, g.x_channels, g.x_size, g.pad_lo, need, rows + int(offsets[-1]),
+        xl = self._direct_pack(x, g.x_channels, g.x_size, g.pad_lo, need, g.batch * math.prod(need),
                                np.where(xcols < g.x_channels, xcols, -1), dt)
         ycols = np.full(ng * ygp, -1)
         ycols[cols] = np.arange(g.y_channels)
-        gyl = self._direct_pack(gy, g.y_channels, g.y_size, (0,) * g.nd, need, rows, ycols, dt)
+        gyl = self._direct_pack(gy, g.y_channels, g.y_size, (0,) * g.nd, g.y_size,
+                                g.batch * math.prod(g.y_size), ycols, dt)
         parts = np.zeros((cd.PARTS, g.taps, ng, cgp, ygp), dtype=dt)
         self._note(xl, gyl, parts)
-        cd.weight_grad(xl, gyl, offsets, parts, ng, cg, nv, cd.CHUNK)
+        positions = cd.GRADIENT_BYTES // ((xl.shape[1] + gyl.shape[1]) * dt.itemsize)
+        chunk = max(1, positions // min(g.y_size[-1], cd.SEGMENT))
+        cd.weight_grad(xl, gyl, offsets, parts, ng, cg, nv, items, g.stride[-1], chunk)
         gw = parts.sum(axis=0)[:, :, :cg, :yg]                         # (K, G, Cx/G, Cy/G)
         # -> (G, Cy/G, Cx/G, K) -> (Cy, Cx/G, *k)
         return np.ascontiguousarray(gw.transpose(1, 3, 2, 0)).reshape(g.w_shape)

@@ -26,8 +26,9 @@ does the same:
   in order afterwards, so results do not depend on the number of threads.
 * The input gradient is the forward of the flipped kernel (the engine arranges it).
 
-Copies in and out (``pack``/``unpack``) go through per-position offset maps, so
-one pair of loops serves 1-D, 2-D and 3-D, padding and groups.
+Copies in (``pack``) go through per-position offset maps and copies out through
+runs of consecutive outputs, so the same loops serve 1-D, 2-D and 3-D, padding and
+groups.  The forward copies each block out while it is still in cache.
 """
 import functools
 import math
@@ -46,10 +47,11 @@ except ImportError:  # the engine falls back to its BLAS paths
 AVAILABLE = numba is not None
 VECTOR_BYTES = 64
 MR_FOR = (0, 16, 12, 8, 6)        # rows per tile for nv = 1..4 vectors of columns (measured)
-ROW_MULTIPLE = 48                  # a multiple of every MR: position counts are padded to it
 PARTS = 4                          # fixed position ranges of the weight gradient
-BLOCK = 96                         # output positions per forward job (x's rows stay in L2)
-CHUNK = 64                         # positions per weight-gradient step (gy's rows stay in L1)
+BLOCK = 384                        # output positions per forward job at most (measured 96-1536)
+SEGMENT = 384                      # outputs of a row per segment at most (a multiple of every MR)
+WEIGHT_BYTES = 48 << 10            # weights one forward pass over a job's tiles reads (measured 24-512 KiB)
+GRADIENT_BYTES = 256 << 10         # rows of x and gy one weight-gradient tile call walks (measured)
 
 
 def lanes(dtype):
@@ -141,60 +143,74 @@ if AVAILABLE:
                         m = cmap[j]
                         row[j] = x[s + m] if m >= 0 else 0
 
-    @njit(parallel=True, cache=True)
-    def unpack(yl, dest, cols, stride, y):
-        """y[dest[q] + c*stride] = yl[q, cols[c]] where dest[q] >= 0."""
-        rows = yl.shape[0]
-        for blk in prange((rows + 63) // 64):
-            for q in range(blk * 64, min(rows, blk * 64 + 64)):
-                d = dest[q]
-                if d >= 0:
-                    row = yl[q]
-                    for c in range(cols.shape[0]):
-                        y[d + c * stride] = row[cols[c]]
-
     @njit(parallel=True, fastmath=True, cache=True)
-    def forward(xl, wl, offsets, yl, groups, cg, nv, block):
-        """yl[q, j*ygp + n] = sum over taps t, channels k of xl[q + offsets[t], j*cg + k] * wl[j, t, k, n].
+    def forward(xl, wl, offsets, groups, cg, nv, kc, items, s_last, pitch, per_job, cols, y_stride, y):
+        """y = the convolution over segments of output rows, ``per_job`` segments per job.
 
-        xl (rows >= L + offsets[-1], >= G*cg); wl (G, T, cg, ygp); yl (L, G*ygp), L a
-        multiple of ROW_MULTIPLE.
+        Segment i = items[i] = (grid position of its first output, offset of its channel 0
+        in y, length n <= pitch): output p of it reads xl rows ``items[i, 0] + p*s_last +
+        offsets[t]``.  Each job computes ``tile[p, j*ygp + col] = sum over taps t, channels
+        k of xl[.., j*cg + k] * wl[j, t, k, col]`` for its segments (``pitch`` rows each,
+        the tail of a segment computed and dropped) in chunks of ``kc`` channels, then
+        copies channel c from column ``cols[c]`` to ``y[offset + c*y_stride:][:n]``.
         """
         taps, ygp = wl.shape[1], wl.shape[3]
-        rows, ldy, ldx = yl.shape[0], yl.shape[1], xl.shape[1]
-        xf, wf, yf = xl.reshape(-1), wl.reshape(-1), yl.reshape(-1)
+        ldy, ldx = groups * ygp, xl.shape[1]
+        xf, wf = xl.reshape(-1), wl.reshape(-1)
         toff_a = offsets * ldx
         toff_b = np.arange(taps) * (cg * ygp)
-        width = nv * (VECTOR_BYTES // yl.itemsize)
-        blocks = (rows + block - 1) // block
-        for job in prange(blocks * groups):
-            j = job % groups
-            q0 = (job // groups) * block
-            q1 = min(q0 + block, rows)
-            for n0 in range(0, ygp, width):
-                v = min(nv, (ygp - n0) // (width // nv))
-                mr = MR_FOR[v]
-                for q in range(q0, q1, mr):
-                    _tile(v, yf, q * ldy + j * ygp + n0, ldy, xf, q * ldx + j * cg, ldx, 1,
-                          wf, j * taps * cg * ygp + n0, ygp, cg, toff_a, toff_b, 0)
+        width = nv * (VECTOR_BYTES // xl.itemsize)
+        count = items.shape[0]
+        for job in prange((count + per_job - 1) // per_job):
+            i0, i1 = job * per_job, min(count, job * per_job + per_job)
+            tile = np.empty((i1 - i0) * pitch * ldy, xl.dtype)
+            for j in range(groups):
+                for n0 in range(0, ygp, width):
+                    v = min(nv, (ygp - n0) // (width // nv))
+                    mr = MR_FOR[v]
+                    for k0 in range(0, cg, kc):
+                        for i in range(i0, i1):
+                            start, n = items[i, 0], items[i, 2]
+                            for p in range(0, n, mr):
+                                _tile(v, tile, ((i - i0) * pitch + p) * ldy + j * ygp + n0, ldy,
+                                      xf, (start + p * s_last) * ldx + j * cg + k0, s_last * ldx, 1,
+                                      wf, (j * taps * cg + k0) * ygp + n0, ygp, min(kc, cg - k0),
+                                      toff_a, toff_b, k0)
+            for i in range(i0, i1):
+                d, n = items[i, 1], items[i, 2]
+                for c in range(cols.shape[0]):
+                    k = (i - i0) * pitch * ldy + cols[c]
+                    out = y[d + c * y_stride:d + c * y_stride + n]
+                    for q in range(n):
+                        out[q] = tile[k + q * ldy]
 
     @njit(parallel=True, fastmath=True, cache=True)
-    def weight_grad(xl, gyl, offsets, gw, groups, cg, nv, chunk):
-        """gw[p, t, j, i, n] = sum over q in part p of xl[q + offsets[t], j*cg + i] * gyl[q, j*ygp + n].
+    def weight_grad(xl, gyl, offsets, gw, groups, cg, nv, items, s_last, chunk):
+        """gw[p, t, j, i, col] = sum over the segments of part p of xl[.., j*cg + i] * gyl[.., j*ygp + col].
 
-        gw (PARTS, T, G, cgp, ygp) zeroed, cgp a multiple of the tile rows; xl has
-        columns up to (G-1)*cg + cgp.
+        Segment items[m] = (grid position of its first output, its first row in gyl,
+        length n): output q of it is gyl row ``items[m, 1] + q`` and reads xl row
+        ``items[m, 0] + q*s_last + offsets[t]``.  Runs of up to ``chunk`` segments of one
+        length are one tile call each (its taps loop walks the segments), so the tile
+        stays in registers across them.  gw (PARTS, T, G, cgp, ygp) starts zeroed; cgp is
+        a multiple of the tile rows and xl has columns up to (G-1)*cg + cgp.
         """
         parts, taps, cgp, ygp = gw.shape[0], gw.shape[1], gw.shape[3], gw.shape[4]
-        rows, ldy, ldx = gyl.shape[0], gyl.shape[1], xl.shape[1]
+        ldy, ldx = gyl.shape[1], xl.shape[1]
         xf, yf = xl.reshape(-1), gyl.reshape(-1)
-        none = np.zeros(1, np.int64)
         width = nv * (VECTOR_BYTES // gyl.itemsize)
-        per = ((rows + parts - 1) // parts + chunk - 1) // chunk * chunk
-        for p in prange(parts):
-            out = gw[p].reshape(-1)
-            for c0 in range(p * per, min(rows, (p + 1) * per), chunk):
-                k_len = min(chunk, rows - c0)
+        count = items.shape[0]
+        per = (count + parts - 1) // parts
+        for part in prange(parts):
+            out = gw[part].reshape(-1)
+            m, end = part * per, min(count, part * per + per)
+            while m < end:
+                n = items[m, 2]
+                m1 = m + 1
+                while m1 < end and m1 - m < chunk and items[m1, 2] == n:
+                    m1 += 1
+                rows_a = items[m:m1, 0] * ldx
+                rows_b = items[m:m1, 1] * ldy
                 for t in range(taps):
                     for j in range(groups):
                         for n0 in range(0, ygp, width):
@@ -202,8 +218,9 @@ if AVAILABLE:
                             mr = MR_FOR[v]
                             for i0 in range(0, cgp, mr):
                                 _tile(v, out, ((t * groups + j) * cgp + i0) * ygp + n0, ygp,
-                                      xf, (c0 + offsets[t]) * ldx + j * cg + i0, 1, ldx,
-                                      yf, c0 * ldy + j * ygp + n0, ldy, k_len, none, none, 1)
+                                      xf, offsets[t] * ldx + j * cg + i0, 1, s_last * ldx,
+                                      yf, j * ygp + n0, ldy, n, rows_a, rows_b, 1)
+                m = m1
 
 
 def round_up(n, m):
@@ -229,3 +246,31 @@ def position_map(nb, extent, size, lo, channels, length):
     out[:full.size] = full.reshape(-1)
     out.flags.writeable = False
     return out
+
+
+@functools.lru_cache(maxsize=64)
+def segments(g, length):
+    """Output rows of geometry g (its last dim), cut into segments of at most ``length``.
+
+    Returns (items (S, 3) of (grid position of the first output on the padded grid
+    of ``need_extent(g)``, offset of its channel 0 in y, n), the same with the row
+    of a dense channels-last copy of y in the second column).
+    """
+    need = tuple((o - 1) * s + d * (k - 1) + 1 for o, s, d, k in zip(g.y_size, g.stride, g.dilation, g.kernel))
+    grid_pitch = [math.prod(need[i + 1:]) for i in range(g.nd)]
+    out = g.y_size[-1]
+    grid = np.arange(g.batch, dtype=np.int64) * math.prod(need)      # (n, o_0, ..., o_{nd-2}) in order
+    for o, s, p in zip(g.y_size[:-1], g.stride[:-1], grid_pitch[:-1]):
+        grid = np.add.outer(grid, np.arange(o) * s * p).reshape(-1)
+    dense = np.arange(grid.size, dtype=np.int64) * out                 # each row's first output in y, dense
+    starts = np.arange(0, out, length)
+    first = np.add.outer(grid, starts * g.stride[-1]).reshape(-1)
+    n = np.minimum(length, out - starts)
+    rows = np.add.outer(dense, starts).reshape(-1)
+    sample = rows // math.prod(g.y_size)
+    y_off = rows + sample * (g.y_channels - 1) * math.prod(g.y_size)
+    counts = np.tile(n, grid.size)
+    fwd = np.stack([first, y_off, counts], axis=1).astype(np.int64)
+    bwd = np.stack([first, rows, counts], axis=1).astype(np.int64)
+    fwd.flags.writeable = bwd.flags.writeable = False
+    return fwd, bwd

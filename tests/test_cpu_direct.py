@@ -1,0 +1,164 @@
+"""The ``direct`` CPU algorithm: register tiles (cpu_direct) against NumPy and the float64 loops."""
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+import ndconv
+from ndconv.engine import cpu_direct as cd
+from ndconv.engine.cpu import CPUEngine
+
+pytestmark = pytest.mark.skipif(not cd.AVAILABLE, reason="numba not installed")
+rng = np.random.default_rng(11)
+
+
+def geometry(x_shape, w_shape, **kw):
+    return ndconv.conv_geometry(x_shape, w_shape, None, **kw)[0]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("nv", [1, 2, 3, 4])
+@pytest.mark.parametrize("accumulate", [0, 1])
+def test_tile_is_a_strided_multiply_add_over_taps(dtype, nv, accumulate):
+    """c[i, n] (+)= sum_t sum_k a[t-offset + i*a_rs + k*a_cs] * b[t-offset + k*b_rs + n]."""
+    from numba import njit
+    mr, width, k_len = cd.MR_FOR[nv], nv * cd.lanes(dtype), 5
+    a = rng.standard_normal(4000).astype(dtype)
+    b = rng.standard_normal(4000).astype(dtype)
+    c = rng.standard_normal(mr * (width + 3) + 7).astype(dtype)
+    toff_a, toff_b = np.array([0, 40, 9]), np.array([3, 1000, 2000])
+    a_off, a_rs, a_cs, b_off, b_rs, c_off, ldc = 5, 7, 2 * mr + 1, 11, width + 2, 7, width + 3
+
+    @njit
+    def call(c, a, b, toff_a, toff_b):
+        cd._tile(nv, c, c_off, ldc, a, a_off, a_rs, a_cs, b, b_off, b_rs, k_len, toff_a, toff_b, accumulate)
+    want = c.copy()
+    block = np.zeros((mr, width))
+    for ta, tb in zip(toff_a, toff_b):
+        rows = np.array([[a[a_off + ta + i * a_rs + k * a_cs] for k in range(k_len)] for i in range(mr)])
+        cols = np.array([b[b_off + tb + k * b_rs:][:width] for k in range(k_len)])
+        block += rows.astype(np.float64) @ cols
+    for i in range(mr):
+        row = want[c_off + i * ldc:][:width]
+        row[...] = block[i] + (row if accumulate else 0)
+    call(c, a, b, toff_a, toff_b)
+    tol = 1e-5 if dtype == np.float32 else 1e-12
+    np.testing.assert_allclose(c, want, rtol=tol, atol=tol)
+
+
+@st.composite
+def cases(draw):
+    nd = draw(st.integers(1, 3))
+    groups = draw(st.integers(1, 3))
+    kernel = tuple(draw(st.lists(st.integers(1, 3), min_size=nd, max_size=nd)))
+    stride = tuple(draw(st.lists(st.integers(1, 2), min_size=nd, max_size=nd)))
+    dilation = tuple(draw(st.lists(st.integers(1, 2), min_size=nd, max_size=nd)))
+    lo = tuple(draw(st.lists(st.integers(0, 2), min_size=nd, max_size=nd)))
+    hi = tuple(draw(st.lists(st.integers(0, 2), min_size=nd, max_size=nd)))
+    size = tuple(draw(st.integers(s * (d * (k - 1) + 1), s * (d * (k - 1) + 1) + 5))
+                 for k, s, d in zip(kernel, stride, dilation))
+    # channels per group: a few, or past one vector of columns (tails of 1-3 vectors)
+    per = st.one_of(st.integers(1, 4), st.integers(15, 21))
+    return dict(batch=draw(st.integers(1, 3)), c_in=groups * draw(per), c_out=groups * draw(per),
+                groups=groups, kernel=kernel, stride=stride, dilation=dilation,
+                padding=tuple(zip(lo, hi)), size=size)
+
+
+def check_against_reference(e, g, args, size, dtypes=(np.float64, np.float32)):
+    import reference as ref
+    x, w, gy = (rng.standard_normal(s) for s in (g.x_shape, g.w_shape, g.y_shape))
+    expected = {"forward": ref.conv(x, w, None, **args),
+                "backward_input": ref.conv_grad_input(gy, w, size, **args),
+                "backward_weight": ref.conv_grad_weight(x, gy, w.shape, **args)}
+    operands = {"forward": (x, w), "backward_input": (gy, w), "backward_weight": (x, gy)}
+    ran = 0
+    for op, want in expected.items():
+        if not e.supports("direct", op, g, 8):
+            continue
+        ran += 1
+        for dtype in dtypes:
+            tol = 1e-10 if dtype == np.float64 else 1e-4
+            with e.force("direct"):
+                got = getattr(e, op)(*(v.astype(dtype) for v in operands[op]), g)
+            assert got.dtype == dtype
+            np.testing.assert_allclose(got, want, rtol=tol, atol=tol * max(1.0, np.abs(want).max()),
+                                       err_msg=f"{op} {dtype.__name__} {g}")
+    return ran
+
+
+@settings(max_examples=60, deadline=None)
+@given(c=cases())
+def test_direct_matches_reference_on_drawn_geometries(c):
+    """Forced ``direct`` (1-3-D, strides through phases, dilations, asymmetric padding, groups)."""
+    g = geometry((c["batch"], c["c_in"]) + c["size"], (c["c_out"], c["c_in"] // c["groups"]) + c["kernel"],
+                 stride=c["stride"], padding=c["padding"], dilation=c["dilation"], groups=c["groups"])
+    args = dict(stride=c["stride"], padding=c["padding"], dilation=c["dilation"], groups=c["groups"])
+    check_against_reference(CPUEngine(), g, args, c["size"])
+
+
+@pytest.mark.parametrize("c_in,c_out,groups", [(13, 80, 1), (26, 150, 2), (70, 35, 1)])
+def test_direct_wide_channels_cut_into_column_blocks(c_in, c_out, groups):
+    """More than 64 output channels per group (several column blocks, a narrower last one),
+    input channels that are not a multiple of the tile rows."""
+    g = geometry((2, c_in, 7, 6), (c_out, c_in // groups, 3, 2), padding=((1, 1), (0, 1)), groups=groups)
+    args = dict(padding=((1, 1), (0, 1)), groups=groups)
+    assert check_against_reference(CPUEngine(), g, args, (7, 6)) == 3
+
+
+def test_direct_forward_many_blocks_and_threads():
+    """A grid of several forward blocks per thread, cut runs across block edges."""
+    g = geometry((3, 8, 41, 37), (16, 8, 3, 3), padding=1)
+    assert check_against_reference(CPUEngine(), g, dict(padding=1), (41, 37), dtypes=(np.float32,)) == 3
+
+
+def test_direct_weight_gradient_does_not_depend_on_threads():
+    import numba
+    g = geometry((2, 24, 30, 30), (32, 24, 3, 3), padding=1)
+    x, gy = rng.standard_normal(g.x_shape).astype(np.float32), rng.standard_normal(g.y_shape).astype(np.float32)
+    e = CPUEngine()
+    saved = numba.get_num_threads()
+    results = []
+    try:
+        for threads in (1, min(2, numba.config.NUMBA_NUM_THREADS)):
+            numba.set_num_threads(threads)
+            with e.force("direct"):
+                results.append(e.backward_weight(x, gy, g))
+    finally:
+        numba.set_num_threads(saved)
+    np.testing.assert_array_equal(results[0], results[1])
+
+
+@settings(max_examples=40, deadline=None)
+@given(nb=st.integers(1, 3), nd=st.integers(1, 3), length=st.sampled_from([1, 2, 5, 384]), data=st.data())
+def test_segments_cover_every_output_once(nb, nd, length, data):
+    """Segments tile every output row once; their grid positions and y offsets match a direct count."""
+    ints = st.lists(st.integers(1, 3), min_size=nd, max_size=nd)
+    kernel, stride, dilation = data.draw(ints), data.draw(ints), data.draw(ints)
+    size = tuple(data.draw(st.integers(d * (k - 1) + 1, d * (k - 1) + 9)) for k, d in zip(kernel, dilation))
+    cy = 3
+    g = geometry((nb, 2) + size, (cy, 2) + tuple(kernel), stride=tuple(stride), dilation=tuple(dilation))
+    fwd, bwd = cd.segments(g, length)
+    need = [(o - 1) * s + d * (k - 1) + 1 for o, s, d, k in zip(g.y_size, g.stride, g.dilation, g.kernel)]
+    seen = np.zeros(g.y_shape, int)
+    dense = np.zeros((nb,) + g.y_size, int)
+    for (grid, y_off, n), (grid2, row, n2) in zip(fwd, bwd):
+        assert (grid, n) == (grid2, n2) and 1 <= n <= length
+        idx = np.unravel_index(y_off + np.arange(n), g.y_shape)
+        assert (idx[1] == 0).all()                                     # channel 0 of each output
+        seen[idx] += 1
+        dense.reshape(-1)[row:row + n] += 1
+        # the first output's window corner on the padded grid (nb, *need)
+        o = [i[0] for i in idx[2:]]
+        corner = idx[0][0] * math.prod(need) + sum(v * s * math.prod(need[i + 1:])
+                                                     for i, (v, s) in enumerate(zip(o, g.stride)))
+        assert grid == corner
+        np.testing.assert_array_equal(idx[-1], o[-1] + np.arange(n))  # one row, consecutive
+    assert (seen[:, 0] == 1).all() and (seen[:, 1:] == 0).all() and (dense == 1).all()
+
+
+def test_direct_is_a_candidate_for_float32_and_float64_only():
+    e = CPUEngine()
+    g = geometry((1, 4, 5, 5), (4, 4, 3, 3), padding=1)
+    assert e.supports("direct", "forward", g, 4) and e.supports("direct", "forward", g, 8)
+    assert not e.supports("direct", "forward", g, 2)
