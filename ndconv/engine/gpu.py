@@ -226,7 +226,7 @@ class Im2colGemm(gpu_blas.Fp32Twin, Algorithm):
 
     def gemm_k(self, op, g):
         """The products each GEMM result sums (col2im and chunks add in float32; under
-        tf32x3 the weight gradient cuts its long sums into pieces of TF32X3_MAX_K)."""
+        tf32x3 the weight gradient cuts its long sums into pieces of at most TF32X3_MAX_K)."""
         if op == "forward":
             return g.x_channels // g.groups * g.taps
         if op == "backward_input":
