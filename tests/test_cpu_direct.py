@@ -8,6 +8,7 @@ from hypothesis import given, settings, strategies as st
 import ndconv
 from ndconv.engine import cpu_direct as cd
 from ndconv.engine.cpu import CPUEngine
+from strategies import conv_cases
 
 pytestmark = pytest.mark.skipif(not cd.AVAILABLE, reason="numba not installed")
 rng = np.random.default_rng(11)
@@ -47,24 +48,6 @@ def test_tile_is_a_strided_multiply_add_over_taps(dtype, nv, accumulate):
     np.testing.assert_allclose(c, want, rtol=tol, atol=tol)
 
 
-@st.composite
-def cases(draw):
-    nd = draw(st.integers(1, 3))
-    groups = draw(st.integers(1, 3))
-    kernel = tuple(draw(st.lists(st.integers(1, 3), min_size=nd, max_size=nd)))
-    stride = tuple(draw(st.lists(st.integers(1, 2), min_size=nd, max_size=nd)))
-    dilation = tuple(draw(st.lists(st.integers(1, 2), min_size=nd, max_size=nd)))
-    lo = tuple(draw(st.lists(st.integers(0, 2), min_size=nd, max_size=nd)))
-    hi = tuple(draw(st.lists(st.integers(0, 2), min_size=nd, max_size=nd)))
-    size = tuple(draw(st.integers(s * (d * (k - 1) + 1), s * (d * (k - 1) + 1) + 5))
-                 for k, s, d in zip(kernel, stride, dilation))
-    # channels per group: a few, or past one vector of columns (tails of 1-3 vectors)
-    per = st.one_of(st.integers(1, 4), st.integers(15, 21))
-    return dict(batch=draw(st.integers(1, 3)), c_in=groups * draw(per), c_out=groups * draw(per),
-                groups=groups, kernel=kernel, stride=stride, dilation=dilation,
-                padding=tuple(zip(lo, hi)), size=size)
-
-
 def check_against_reference(e, g, args, size, dtypes=(np.float64, np.float32)):
     import reference as ref
     x, w, gy = (rng.standard_normal(s) for s in (g.x_shape, g.w_shape, g.y_shape))
@@ -88,7 +71,8 @@ def check_against_reference(e, g, args, size, dtypes=(np.float64, np.float32)):
 
 
 @settings(max_examples=60, deadline=None)
-@given(c=cases())
+# channels per group: a few, or past one vector of columns (tails of 1-3 vectors)
+@given(c=conv_cases(per_group=st.one_of(st.integers(1, 4), st.integers(15, 21)), size_slack=5))
 def test_direct_matches_reference_on_drawn_geometries(c):
     """Forced ``direct`` (1-3-D, strides through phases, dilations, asymmetric padding, groups)."""
     g = geometry((c["batch"], c["c_in"]) + c["size"], (c["c_out"], c["c_in"] // c["groups"]) + c["kernel"],

@@ -141,6 +141,7 @@ def test_im2col_input_gradient_compiled_scatter_matches_numpy_loop(monkeypatch, 
 # ------------------------------------------------------------------ taps: strided BLAS per kernel tap
 
 from hypothesis import given, settings, strategies as st  # noqa: E402
+from strategies import conv_cases  # noqa: E402
 
 from ndconv.engine import cpu as cpu_module  # noqa: E402
 from ndconv.engine import cpu_blas  # noqa: E402
@@ -177,19 +178,7 @@ def test_blas_gemm_refuses_a_block_outside_its_array_before_writing():
 
 @st.composite
 def taps_cases(draw):
-    nd = draw(st.integers(1, 3))
-    groups = draw(st.integers(1, 3))
-    kernel = tuple(draw(st.lists(st.integers(1, 3), min_size=nd, max_size=nd)))
-    stride = tuple(draw(st.lists(st.integers(1, 2), min_size=nd, max_size=nd)))
-    dilation = tuple(draw(st.lists(st.integers(1, 2), min_size=nd, max_size=nd)))
-    lo = tuple(draw(st.lists(st.integers(0, 2), min_size=nd, max_size=nd)))
-    hi = tuple(draw(st.lists(st.integers(0, 2), min_size=nd, max_size=nd)))
-    size = tuple(draw(st.integers(s * (d * (k - 1) + 1), s * (d * (k - 1) + 1) + 4))
-                 for k, s, d in zip(kernel, stride, dilation))
-    return dict(batch=draw(st.integers(1, 3)), c_in=groups * draw(st.integers(1, 3)),
-                c_out=groups * draw(st.integers(1, 3)), groups=groups, kernel=kernel, stride=stride,
-                dilation=dilation, padding=tuple(zip(lo, hi)), size=size,
-                block=draw(st.sampled_from([1, 64, 1 << 20])))
+    return dict(draw(conv_cases()), block=draw(st.sampled_from([1, 64, 1 << 20])))
 
 
 @needs_blas
