@@ -625,7 +625,7 @@ def run_case(case, backend, repeat, warmup, ops=OPS, settle=0.0):
             if hasattr(engine, "peak_temp_bytes"):
                 engine.peak_temp_bytes = 0
             backend.sync()
-            last = getattr(engine, "last_algorithm", None)     # which algorithm ran (GPU engine)
+            last = getattr(engine, "last_algorithm", None)     # which algorithm ran
             if last is not None:
                 last.clear()
             ours = nd_fns[op]()

@@ -16,6 +16,7 @@ import pytest
 
 import ndconv
 from ndconv import bench, cli
+from ndconv.engine.cpu import CPUEngine
 
 REQUIRED_FIELDS = ("case", "op", "ndconv_ms", "torch_ms", "ratio", "gflops", "peak_temp_bytes")
 
@@ -283,6 +284,7 @@ def test_end_to_end_json_plot_and_table(tiny_suite, tmp_path, capsys, fast_ceili
         assert r["rel_err"] <= bench.TOLERANCE["float32"]
         assert r["device"] == "cpu" and r["dtype"] == "float32" and r["threads"] == 1
         assert r["ceiling"] == "sgemm" and r["ceiling_pct"] > 0
+        assert r["algorithm"] in CPUEngine.algorithms                  # the one that ran the timed call
     # flops: 2 * N * Cy * prod(y) * Cx/G * K, the same for all three operations
     conv = [r for r in records if r["case"] == "tiny_conv"]
     assert {r["flops"] for r in conv} == {2 * 2 * 6 * (5 * 4) * 2 * 9}

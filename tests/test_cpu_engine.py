@@ -86,6 +86,17 @@ def test_results_independent_of_batch_split(algorithm):
         np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
 
 
+def test_last_algorithm_names_the_one_that_ran():
+    e = CPUEngine()
+    g = geometry((1, 2, 6, 6), (2, 2, 3, 3), padding=1)
+    x, w, gy = (rng.standard_normal(s) for s in (g.x_shape, g.w_shape, g.y_shape))
+    with e.force("im2col"):
+        e.forward(x, w, g)
+    with e.force("flat"):
+        e.backward_weight(x, gy, g)
+    assert e.last_algorithm == {"forward": "im2col", "backward_weight": "flat"}
+
+
 def test_float16_accumulates_in_float32():
     # 4096 products of 1.0: a float16 accumulator would stop at 2048.
     x = np.ones((1, 1, 4096), dtype=np.float16)

@@ -83,6 +83,8 @@ class CPUEngine:
         self._forced = None
         self._tuned = {}
         self._untuned = {}   # heuristic choices, so the cache file is asked once per call shape
+        #: op -> name of the algorithm that ran the last call of that op
+        self.last_algorithm = {}
         # autotune: time the candidates on the first call of each (op, geometry, dtype)
         self.autotune = os.environ.get("NDCONV_AUTOTUNE", "") not in ("", "0")
         self.tuner = None   # an autotune.Autotuner; the shared one (with its cache file) by default
@@ -134,6 +136,10 @@ class CPUEngine:
 
     def choose(self, op, g, dtype):
         """Forced, else tuned (here or in the cache file), else autotuned, else the first supported."""
+        algorithm = self.last_algorithm[op] = self._choose(op, g, dtype)
+        return algorithm
+
+    def _choose(self, op, g, dtype):
         itemsize = np.dtype(dtype).itemsize
         if self._forced is not None:
             if not self.supports(self._forced, op, g, itemsize):
