@@ -6,29 +6,32 @@ The difference is register blocking: oneDNN keeps a tile of outputs in vector
 registers while it runs the whole sum over (tap, input channel).  This module
 does the same:
 
-* Data are channels last at the padded row pitch ("flat" layout): position q of
-  ``xl (L + slack, Cx)`` is one padded-input position of one sample, and every
-  kernel tap t reads position ``q + offset_t``, as in the ``taps`` algorithm.  The
-  outputs are computed at the same pitch; positions between rows and past the end
-  are computed and dropped when copied out.
+* x is copied once to channels-last rows ``xl (positions, Cx)`` of its padded grid
+  (the extent the windows read, as in the ``taps`` algorithm); kernel tap t of an
+  output reads the row of its window corner plus ``offset_t``.  Outputs are taken
+  in segments of one output row (``segments``), so a stride is a fixed step between
+  the rows a tile reads and no position between rows is computed; only a segment's
+  last tile computes a few outputs past its end, which are dropped.
 * The micro-kernel (``_tile``, written as LLVM IR through numba's ``intrinsic``
   because numba cannot keep an array of accumulators in registers) computes
   ``C[i, 0:NR] (+)= sum_t sum_k A[i, k; t] * B[k, 0:NR; t]`` for MR rows: each step
   of k broadcasts MR elements of A and loads NR/VW vectors of B.  MR x NR is sized
   to fill the vector registers: NR = VW * nv with nv <= 4 vectors of 64 bytes
   (AVX-512; LLVM splits them on narrower machines) and MR = ``MR_FOR[nv]``.
-* Forward: rows are MR output positions, columns are up to 64 output channels,
+* Forward: rows are MR outputs of a segment, columns up to 64 output channels,
   k runs over the input channels of every tap (``A`` = xl, ``B`` = the weights as
-  (tap, Cx, Cy)).  The tile stays in registers for the whole sum.
+  (tap, Cx, Cy)).  The tile stays in registers for the whole sum (wide layers: for
+  each chunk of input channels whose weights fit ``WEIGHT_BYTES``).
 * Weight gradient: rows are MR input channels, columns output channels, k runs
-  over positions (``A`` = xl shifted by the tap, ``B`` = gy in the same layout).
-  The positions are cut into ``PARTS`` fixed ranges (not one per thread) summed
-  in order afterwards, so results do not depend on the number of threads.
+  over the outputs of a run of segments (``A`` = xl shifted by the tap, ``B`` = a
+  dense channels-last copy of gy).  The segments are cut into ``PARTS`` fixed
+  ranges (not one per thread) summed in order afterwards, so results do not depend
+  on the number of threads.
 * The input gradient is the forward of the flipped kernel (the engine arranges it).
 
-Copies in (``pack``) go through per-position offset maps and copies out through
-runs of consecutive outputs, so the same loops serve 1-D, 2-D and 3-D, padding and
-groups.  The forward copies each block out while it is still in cache.
+Copies in (``pack``) go through per-position offset maps, so one loop serves 1-D,
+2-D and 3-D, padding and groups; the forward copies each job's tile out to y while
+it is still in cache.
 """
 import functools
 import math
@@ -49,7 +52,7 @@ VECTOR_BYTES = 64
 MR_FOR = (0, 16, 12, 8, 6)        # rows per tile for nv = 1..4 vectors of columns (measured)
 PARTS = 4                          # fixed position ranges of the weight gradient
 BLOCK = 384                        # output positions per forward job at most (measured 96-1536)
-SEGMENT = 384                      # outputs of a row per segment at most (a multiple of every MR)
+SEGMENT = 384                      # outputs of a row per segment at most
 WEIGHT_BYTES = 48 << 10            # weights one forward pass over a job's tiles reads (measured 24-512 KiB)
 GRADIENT_BYTES = 256 << 10         # rows of x and gy one weight-gradient tile call walks (measured)
 
@@ -128,6 +131,12 @@ if AVAILABLE:
         else:
             _tile1(c, c_off, ldc, a, a_off, a_rs, a_cs, b, b_off, b_rs, k_len, toff_a, toff_b, accumulate)
 
+    @njit(inline="always")
+    def _columns(nv, ygp, n0, width):
+        """(vectors, tile rows) of the column block starting at n0: a full one, or the narrower tail."""
+        v = min(nv, (ygp - n0) // (width // nv))
+        return v, MR_FOR[v]
+
     @njit(parallel=True, cache=True)
     def pack(x, src, cmap, out):
         """out[q, j] = x[src[q] + cmap[j]], zero where either is negative (padding, junk)."""
@@ -166,8 +175,7 @@ if AVAILABLE:
             tile = np.empty((i1 - i0) * pitch * ldy, xl.dtype)
             for j in range(groups):
                 for n0 in range(0, ygp, width):
-                    v = min(nv, (ygp - n0) // (width // nv))
-                    mr = MR_FOR[v]
+                    v, mr = _columns(nv, ygp, n0, width)
                     for k0 in range(0, cg, kc):
                         for i in range(i0, i1):
                             start, n = items[i, 0], items[i, 2]
@@ -214,8 +222,7 @@ if AVAILABLE:
                 for t in range(taps):
                     for j in range(groups):
                         for n0 in range(0, ygp, width):
-                            v = min(nv, (ygp - n0) // (width // nv))
-                            mr = MR_FOR[v]
+                            v, mr = _columns(nv, ygp, n0, width)
                             for i0 in range(0, cgp, mr):
                                 _tile(v, out, ((t * groups + j) * cgp + i0) * ygp + n0, ygp,
                                       xf, offsets[t] * ldx + j * cg + i0, 1, s_last * ldx,
