@@ -1061,7 +1061,8 @@ def test_tf32_stack_strided_views():
     flat = base.reshape(4, 6, 80)
     as_a = [flat, flat[:, ::2, 3:40], flat.transpose(0, 2, 1), flat[:, ::-1, ::3], flat[:1],
             cp.broadcast_to(flat[:1, :1], (3, 5, 80)), base[0, :, :, ::2].transpose(2, 0, 1),
-            flat[:, :, :0]]
+            flat[:, :, :0], flat[:, :, 4:76], flat[:, :, 2:78]]     # float4 rows; rows off 16-byte alignment
+    assert gpu_blas._stack_plan(flat.shape, flat.strides, (480, 80, 1), -1)[-1]      # float4 rows
     as_b = [base, base[:, 1:5, ::2, 1:7], base.transpose(1, 0, 3, 2), base[:, :, ::-1],
             base.reshape(4, 6, 2, 5, 8)[:, :, :, ::2], base.reshape(2, 2, 6, 10, 8).transpose(0, 2, 1, 3, 4)[:, :, :, ::2, ::3],
             base[:, :, None, :, 2:4]]
@@ -1234,3 +1235,43 @@ def test_gemm_algorithms_under_both_fp32_maths(alg, fp32_math):
             getattr(free, op)(*(cp.asarray(a) for a in args), g)
             used = ALGORITHMS.get(free.last_algorithm[op])
             assert fp32_math == "tf32x3" or used.fp32_math == "ieee", used
+
+
+@pytest.mark.parametrize("g", PRIMITIVE_GEOMETRIES, ids=lambda g: f"{g.nd}d-{g.x_shape}-{g.w_shape}")
+def test_im2col_modules_compiled_for_the_geometry(g, monkeypatch):
+    """Calls past SPECIALIZE_ELEMENTS run im2col/col2im compiled with the geometry's sizes
+    as constants: the same results as the shared module, in float64 and under tf32x3."""
+    from ndconv.engine import gpu as gpu_mod
+    monkeypatch.setattr(gpu_mod, "SPECIALIZE_ELEMENTS", 1)
+    # launches planned by earlier tests hold the shared module's kernels
+    monkeypatch.setattr(gpu_mod, "_column_plans", {})
+    monkeypatch.setattr(gpu_mod, "_col2im_plans", {})
+    cpu = CPUEngine()
+    arrays = primitive_arrays(g, 7, "float64")
+    dev = tuple(cp.asarray(a) for a in arrays)
+    for alg, dtype, tol in (("im2col_gemm", "float64", 1e-11), ("im2col_tf32x3", "float32", 1e-5)):
+        eng = GPUEngine(algorithm=alg)
+        for op in OPS:
+            if not ALGORITHMS.get(alg).supports(op, g, np.dtype(dtype)):
+                continue
+            got = run_primitive(eng, op, g, tuple(a.astype(dtype) for a in dev))
+            ref = run_primitive(cpu, op, g, arrays)
+            assert relerr(host(got), ref) < tol, (alg, op, g)
+    assert any(key[-1] == g for key in gpu_mod._modules if len(key) == 5)
+
+
+def test_weight_piece_fills_the_device_and_bounds_tf32x3_sums():
+    from ndconv.engine.gpu import weight_piece
+    from ndconv.engine.gpu_blas import TF32X3_MAX_K
+    # a strided ResNet layer's weight gradient: 18 output tiles -> 12 pieces of >= 1024
+    step = weight_piece(12544, 256, 1152, 1, None, 132, 4, 1 << 30)
+    assert step % 4 == 0 and 1024 <= step < 12544 and -(-12544 // step) == 12
+    # enough tiles already, or a short sum: one piece
+    assert weight_piece(4096, 4096, 2048, 1, None, 132, 4, 1 << 30) == 4096
+    assert weight_piece(1500, 64, 64, 1, None, 132, 4, 1 << 30) == 1500
+    # tf32x3: no piece longer than TF32X3_MAX_K, even when the device is full
+    step = weight_piece(50000, 4096, 4096, 1, TF32X3_MAX_K, 132, 4, 1 << 30)
+    assert step <= TF32X3_MAX_K
+    # the pieces' results stay within a quarter of the workspace limit
+    step = weight_piece(1 << 20, 64, 64, 1, None, 132, 4, 64 * 64 * 4 * 8 * 4)
+    assert -(-(1 << 20) // step) <= 8

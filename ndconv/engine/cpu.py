@@ -614,10 +614,9 @@ class CPUEngine:
         y = np.empty(g.y_shape, dtype=dt)
         if phases.unit_stride(g):
             offsets, plane = self._flat_plan(g)
-            wk = np.ascontiguousarray(w, dtype=dt).reshape(g.y_channels, -1)
+            wk = np.ascontiguousarray(w, dtype=dt).reshape(-1)
             xc = np.ascontiguousarray(x, dtype=dt)
-            dw.flat_taps(dw.as5d(xc, g.nd), wk, offsets, dw.as5d(y, g.nd), *plane,
-                         g.y_channels // g.groups, False)
+            self._slide(xc, wk, offsets, y, plane, g, False)
             return y
         for n0, n1 in self._batches(g, dt):
             xp = self._padded(x, g, n0, n1, 0, g.y_size[0], dt)
@@ -625,6 +624,17 @@ class CPUEngine:
             dw.forward(dw.as5d(xp, g.nd), self._kernel5(w, g, dt), dw.as5d(y[n0:n1], g.nd),
                        *self._depthwise_args(g))
         return y
+
+    @staticmethod
+    def _slide(src, wk, offsets, out, plane, g, gather):
+        """Stride 1 through the sliding kernel (``cpu_depthwise.slide_taps``): ``g`` is the
+        forward geometry of the pass (for the input gradient the flipped one), out its y.
+        Planes of one output row go straight into out; planes of several rows are
+        computed at the padded pitch and copied out (measured: per-row calls lose up to
+        2x on short rows, the flat pass adds a copy that costs ~20% on one long row)."""
+        size = dw.pad3(g.y_size, g.nd, 1)
+        dw.slide_taps(dw.as5d(src, g.nd), wk, offsets, out.reshape(out.shape[:2] + (-1,)), *size, *plane,
+                      max(g.y_channels, g.x_channels) // g.groups, gather, size[0] * size[1] == 1)
 
     @staticmethod
     def _depthwise_flat_ok(g):
@@ -637,10 +647,9 @@ class CPUEngine:
             g2 = _flipped_geometry(g)
             offsets, plane = self._flat_plan(g2)
             flipped = np.ascontiguousarray(
-                np.asarray(w, dtype=dt)[(slice(None), 0) + (slice(None, None, -1),) * g.nd]).reshape(g.y_channels, -1)
+                np.asarray(w, dtype=dt)[(slice(None), 0) + (slice(None, None, -1),) * g.nd]).reshape(-1)
             gyc = np.ascontiguousarray(gy, dtype=dt)
-            dw.flat_taps(dw.as5d(gyc, g.nd), flipped, offsets, dw.as5d(gx, g.nd), *plane,
-                         g.y_channels // g.groups, True)
+            self._slide(gyc, flipped, offsets, gx, plane, g2, True)
             return gx
         for n0, n1 in self._batches(g, dt):
             buf = np.zeros((n1 - n0, g.x_channels) + need_extent(g), dtype=dt)

@@ -10,11 +10,18 @@ import numpy as np
 
 try:
     import numba
-    from numba import njit, prange
+    from numba import njit, prange, types
+    from numba.core import cgutils
+    from numba.extending import intrinsic
+    from llvmlite import ir
 except ImportError:  # the engine falls back to im2col + BLAS
     numba = None
 
 AVAILABLE = numba is not None
+VECTOR_BYTES = 64
+SLIDE_VECTORS = (4, 8, 12, 16)     # block widths of the sliding kernel that are compiled
+SLIDE_V = 12                       # the one the drivers use (measured: 4-16 within noise; 12 a little ahead)
+SLACK = VECTOR_BYTES // 4          # elements a source buffer must be readable past its last used one
 
 if AVAILABLE:
     @njit(fastmath=True, cache=True, inline="always")
@@ -275,6 +282,144 @@ if AVAILABLE:
                     acc[t] += part[t]
             for t in range(offsets.shape[0]):
                 gw[co, t] = acc[t]
+
+if AVAILABLE:
+    # The sliding micro-kernel (stride 1): out[o + i] (+)= sum_t w[w_off + t] * src[s_off + toff[t] + i]
+    # for i < n.  Blocks of nv vectors keep their accumulators in registers for the whole
+    # sum over taps: per tap one broadcast of w[t] and, per vector, one unaligned load
+    # folded into an FMA.  The last block (fewer vectors) comes from a switch over
+    # compiled narrower blocks; its last vector is stored lane by lane, so out is never
+    # written past o + n, but src is read up to SLACK - 1 elements past the last element
+    # the sum uses (the lanes past n are computed and dropped).  Written as LLVM IR
+    # (as cpu_direct's tile): numba keeps no array of accumulators in registers.
+
+    def _make_slide(nv):
+        @intrinsic
+        def slide(typingctx, out, o, src, s_off, toff, w, w_off, n, accumulate):
+            sig = types.void(out, o, src, s_off, toff, w, w_off, n, accumulate)
+
+            def codegen(context, builder, sig, args):
+                i64, i32 = ir.IntType(64), ir.IntType(32)
+                out_a, src_a, toff_a, w_a = (context.make_array(sig.args[i])(context, builder, args[i])
+                                             for i in (0, 2, 4, 5))
+                o, s_off, w_off, n, accumulate = (context.cast(builder, args[i], sig.args[i], types.int64)
+                                                  for i in (1, 3, 6, 7, 8))
+                taps = builder.extract_value(toff_a.shape, 0)
+                scalar = context.get_value_type(sig.args[0].dtype)
+                width = VECTOR_BYTES // (8 if scalar == ir.DoubleType() else 4)
+                vec = ir.VectorType(scalar, width)
+                name = "llvm.fma.v%d%s" % (width, "f64" if scalar == ir.DoubleType() else "f32")
+                fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vec, [vec] * 3), name)
+                # allocas in the entry block: mem2reg turns them into registers
+                acc = [cgutils.alloca_once(builder, vec) for _ in range(nv)]
+                spill = cgutils.alloca_once(builder, vec)
+                undef = ir.Constant(vec, ir.Undefined)
+                splat = ir.Constant(ir.VectorType(i32, width), [0] * width)
+                add = builder.icmp_signed("!=", accumulate, ir.Constant(i64, 0))
+                out0 = builder.gep(out_a.data, [o])
+                src0 = builder.gep(src_a.data, [s_off])
+                w0 = builder.gep(w_a.data, [w_off])
+                tp = toff_a.data
+
+                def vector_at(base, j):
+                    return builder.bitcast(builder.gep(base, [ir.Constant(i64, width * j)]), vec.as_pointer())
+
+                def store(p, v):
+                    builder.store(builder.select(add, builder.fadd(v, builder.load(p, align=1)), v), p, align=1)
+
+                def block(base, count, last=None):
+                    # count vectors from element base; last: how many lanes of the last one to store
+                    for cell in acc[:count]:
+                        builder.store(ir.Constant(vec, None), cell)
+                    with cgutils.for_range(builder, taps) as tloop:
+                        t = tloop.index
+                        wv = builder.load(builder.gep(w0, [t]))
+                        sv = builder.shuffle_vector(builder.insert_element(undef, wv, ir.Constant(i32, 0)), undef, splat)
+                        row = builder.gep(src0, [builder.add(base, builder.load(builder.gep(tp, [t])))])
+                        for j in range(count):
+                            x = builder.load(vector_at(row, j), align=1)
+                            builder.store(builder.call(fma, [sv, x, builder.load(acc[j])]), acc[j])
+                    dst = builder.gep(out0, [base])
+                    for j in range(count if last is None else count - 1):
+                        store(vector_at(dst, j), builder.load(acc[j]))
+                    if last is not None:
+                        builder.store(builder.load(acc[count - 1]), spill)
+                        lanes = builder.bitcast(spill, scalar.as_pointer())
+                        tail = builder.gep(dst, [ir.Constant(i64, width * (count - 1))])
+                        with cgutils.for_range(builder, last) as e:
+                            q = builder.gep(tail, [e.index])
+                            v = builder.load(builder.gep(lanes, [e.index]))
+                            builder.store(builder.select(add, builder.fadd(v, builder.load(q)), v), q)
+
+                span = ir.Constant(i64, nv * width)
+                blocks = builder.sdiv(n, span)
+                with cgutils.for_range(builder, blocks) as bloop:
+                    block(builder.mul(bloop.index, span), nv)
+                base = builder.mul(blocks, span)
+                rem = builder.sub(n, base)
+                wide = ir.Constant(i64, width)
+                count = builder.sdiv(builder.add(rem, ir.Constant(i64, width - 1)), wide)
+                last = builder.sub(rem, builder.mul(builder.sub(count, ir.Constant(i64, 1)), wide))
+                done = builder.append_basic_block("slide_done")
+                switch = builder.switch(count, done)        # count 0 (n a multiple of the span): nothing left
+                for c in range(1, nv + 1):
+                    case = builder.append_basic_block("slide_tail%d" % c)
+                    switch.add_case(ir.Constant(i64, c), case)
+                    builder.position_at_end(case)
+                    block(base, c, last)
+                    builder.branch(done)
+                builder.position_at_end(done)
+                return context.get_dummy_value()
+            return sig, codegen
+        return slide
+
+    _slides = {nv: _make_slide(nv) for nv in SLIDE_VECTORS}
+    _slide4, _slide8, _slide12, _slide16 = (_slides[nv] for nv in SLIDE_VECTORS)
+
+    @njit(inline="always")
+    def slide(nv, out, o, src, s_off, toff, w, w_off, n, accumulate):
+        """out[o + i] (+)= sum_t w[w_off + t] * src[s_off + toff[t] + i] for i < n, in blocks of nv vectors."""
+        if nv == 16:
+            _slide16(out, o, src, s_off, toff, w, w_off, n, accumulate)
+        elif nv == 12:
+            _slide12(out, o, src, s_off, toff, w, w_off, n, accumulate)
+        elif nv == 8:
+            _slide8(out, o, src, s_off, toff, w, w_off, n, accumulate)
+        else:
+            _slide4(out, o, src, s_off, toff, w, w_off, n, accumulate)
+
+    @njit(parallel=True, fastmath=True, cache=True)
+    def slide_taps(src, w, offsets, out, o0_, o1_, o2_, lo0, lo1, lo2, p0_, p1_, p2_, mult, gather, rows):
+        """As flat_taps through the sliding kernel; out is (N, C_out, O0*O1*O2), w (Cy*K).
+
+        rows: one kernel call per output row, straight into out (long rows); else one
+        call over the whole plane at the padded pitch into a buffer, copied out without
+        the wrap-around positions (short rows).
+        """
+        n_, cout = out.shape[0], out.shape[1]
+        k = offsets.shape[0]
+        length = ((o0_ - 1) * p1_ + o1_ - 1) * p2_ + o2_
+        size = p0_ * p1_ * p2_
+        for job in prange(n_ * cout):
+            n = job // cout
+            j = job % cout
+            plane = np.empty(size + SLACK, dtype=out.dtype)
+            plane[size:] = 0
+            dst = out[n, j]
+            acc = np.empty(0 if rows else length, dtype=out.dtype)
+            for m in range(mult if gather else 1):
+                row = j * mult + m if gather else j
+                _load_plane(src[n, row if gather else j // mult], plane, lo0, lo1, lo2, p0_, p1_, p2_)
+                if rows:
+                    for a in range(o0_):
+                        for b in range(o1_):
+                            slide(SLIDE_V, dst, (a * o1_ + b) * o2_, plane, (a * p1_ + b) * p2_, offsets, w,
+                                  row * k, o2_, m)
+                else:
+                    slide(SLIDE_V, acc, 0, plane, 0, offsets, w, row * k, length, m)
+            if not rows:
+                _store_plane(acc, dst.reshape(o0_, o1_, o2_), p1_ * p2_, p2_)
+
 
 def as5d(a, nd):
     """(N, C, *s) -> (N, C, 1.., *s) with 5 dims, a view."""

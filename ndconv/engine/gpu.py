@@ -80,16 +80,30 @@ def compute_dtype(dtype):
 _modules = {}
 
 
-def _kernel(nd, dtype, name, index32=False):
-    key = (cp.cuda.runtime.getDevice(), nd, dtype, name, index32)
+def _kernel(nd, dtype, name, index32=False, g=None):
+    """A kernel of the shared module; with ``g``, of a module compiled for that geometry."""
+    key = (cp.cuda.runtime.getDevice(), nd, dtype, name, index32, g)
     fn = _modules.get(key)
     if fn is None:
-        mod_key = (key[0], nd, np.dtype(dtype).name, index32)
+        mod_key = (key[0], nd, np.dtype(dtype).name, index32, g)
         mod = _modules.get(mod_key)
         if mod is None:
-            mod = _modules[mod_key] = cp.RawModule(code=gpu_kernels.source(nd, mod_key[2], index32))
+            if len(_modules) > 4096:
+                _modules.clear()
+            code = gpu_kernels.source(nd, mod_key[2], index32, None if g is None else _param_values(g))
+            mod = _modules[mod_key] = cp.RawModule(code=code)
         fn = _modules[key] = mod.get_function(name)
     return fn
+
+
+#: im2col / col2im calls of at least this many elements run a module compiled for
+#: their geometry (divisions by constants; compiled once, then cached on disk by CuPy)
+SPECIALIZE_ELEMENTS = 1 << 22
+
+
+def _special(g, elements):
+    """``g`` where a call this large gets a module of its own, else None."""
+    return g if elements >= SPECIALIZE_ELEMENTS else None
 
 
 _params = {}
@@ -100,13 +114,16 @@ def _geometry_params(g):
     key = (cp.cuda.runtime.getDevice(), g)
     arr = _params.get(key)
     if arr is None:
-        host = np.array((g.batch, g.x_channels, g.y_channels, g.groups) + tuple(g.x_size)
-                        + tuple(g.y_size) + tuple(g.kernel) + tuple(g.stride) + tuple(g.dilation)
-                        + tuple(g.pad_lo), dtype=np.int64)
+        host = np.array(_param_values(g), dtype=np.int64)
         if len(_params) > 1024:
             _params.clear()
         arr = _params[key] = cp.asarray(host)
     return arr
+
+
+def _param_values(g):
+    return ((g.batch, g.x_channels, g.y_channels, g.groups) + tuple(g.x_size) + tuple(g.y_size)
+            + tuple(g.kernel) + tuple(g.stride) + tuple(g.dilation) + tuple(g.pad_lo))
 
 
 def _fits32(*arrays):
@@ -273,7 +290,9 @@ class Im2colGemm(gpu_blas.Fp32Twin, Algorithm):
         per_group = r // g.groups
         threads = min(_THREADS, 32 * -(-q // 32))
         grid = (min(-(-q // threads), _MAX_BLOCKS), min(r, 65535))
-        kernel = _kernel(g.nd, x.dtype, "im2col", _fits32(x) and 2 * r * q < 2 ** 31)
+        full_rows = (a, b) == (0, g.y_size[0])
+        kernel = _kernel(g.nd, x.dtype, "im2col", _fits32(x) and 2 * r * q < 2 ** 31,
+                         _special(g, r * q) if full_rows else None)
         tail = (_geometry_params(g), _i64(n0), _i64(nb), _i64(a), _i64(rows))
         if not split:
             return kernel, grid, (threads,), (g.groups, per_group, q), 0, (_i64(1), _i64(0)) + tail
@@ -309,15 +328,15 @@ class Im2colGemm(gpu_blas.Fp32Twin, Algorithm):
 
     def _backward_input(self, engine, gy, w, g):
         dt = compute_dtype(gy.dtype)
-        gx = cp.empty(g.x_shape, dtype=gy.dtype)
         wt = w.reshape(g.groups, g.y_channels // g.groups, -1).astype(dt, copy=False).transpose(0, 2, 1)
-        # tf32x3: both operands go straight from their strided views into one GEMM of
-        # 3K (the result, the columns, is the big array here), with no transposed copies.
-        stacked = gpu_blas.uses_tf32x3(dt, self.fp32_math) and not pointwise(g)
-        wt = gpu_blas.stack_a(wt, 3) if stacked else cp.ascontiguousarray(wt)   # (G, Cx/G*K, Cy/G)
-        if pointwise(g):
+        if pointwise(g):    # cuBLAS reads the transposed weights as they are (op T)
             gyv = gy.reshape(g.batch, g.groups, g.y_channels // g.groups, -1).astype(dt, copy=False)
             return _per_group(wt, gyv, self.fp32_math).astype(gy.dtype, copy=False).reshape(g.x_shape)  # (N, G, Cx/G, P)
+        # tf32x3: both operands go straight from their strided views into one GEMM of
+        # 3K (the result, the columns, is the big array here), with no transposed copies.
+        stacked = gpu_blas.uses_tf32x3(dt, self.fp32_math)
+        wt = gpu_blas.stack_a(wt, 3) if stacked else cp.ascontiguousarray(wt)   # (G, Cx/G*K, Cy/G)
+        gx = cp.empty(g.x_shape, dtype=gy.dtype)
         params = _geometry_params(g)
         buf = None
         for n0, n1, a, b in self._chunks(engine, g, dt.itemsize):
@@ -334,7 +353,7 @@ class Im2colGemm(gpu_blas.Fp32Twin, Algorithm):
                 fits = _fits32(gcols, gx)
                 fn, blocks, ints = _launch_plan(
                     _col2im_plans, (cp.cuda.runtime.getDevice(), g, gy.dtype.char, fits, n0, n1),
-                    lambda: (_kernel(g.nd, gy.dtype, "col2im_store", fits),
+                    lambda: (_kernel(g.nd, gy.dtype, "col2im_store", fits, _special(g, gcols.size)),
                              _blocks((n1 - n0) * g.x_channels * math.prod(g.x_size)),
                              (params, _i64(n0), _i64(n1 - n0))))
                 fn((blocks,), (_THREADS,), (gcols, gx) + ints)
@@ -367,30 +386,32 @@ class Im2colGemm(gpu_blas.Fp32Twin, Algorithm):
             gw = sum_batch(_per_group(gyv, xv.transpose(0, 1, 3, 2), math_))
             return gw.reshape(g.w_shape).astype(x.dtype, copy=False)
         gw = None
+        tf32 = gpu_blas.uses_tf32x3(dt, self.fp32_math)
         for n0, n1, a, b in self._chunks(engine, g, dt.itemsize):
             cols = self._columns(x, g, n0, n1, a, b, dt)   # (G, Cx/G*K, nb*P)
             gyt = gpu_blas.presplit(self._rows_t(gy, g, n0, n1, a, b, dt), self.fp32_math)  # (G, Cy/G, nb*P)
             engine._note(*gpu_blas.arrays(gyt), *gpu_blas.arrays(cols))
-            if isinstance(gyt, gpu_blas.Split):
-                part = self._weight_pieces(gyt, cols)
+            q = (n1 - n0) * (b - a) * math.prod(g.y_size[1:])
+            step = weight_piece(q, g.y_channels // g.groups, g.x_channels // g.groups * g.taps, g.groups,
+                                gpu_blas.TF32X3_MAX_K if tf32 else None, _sm_count(cp.cuda.runtime.getDevice()), dt.itemsize,
+                                engine.workspace_limit)
+            if step < q:
+                part = self._weight_pieces(gyt, cols, step, dt)
             else:
-                part = gpu_blas.matmul(gyt, cols.transpose(0, 2, 1))   # (G, Cy/G, Cx/G*K)
+                part = gpu_blas.matmul(gyt, gpu_blas.view(cols, lambda v: v.transpose(0, 2, 1)))  # (G, Cy/G, Cx/G*K)
             gw = part if gw is None else gw + part
         return gw.reshape(g.w_shape).astype(x.dtype, copy=False)
 
     @staticmethod
-    def _weight_pieces(gyt, cols):
-        """tf32x3 ``gyt @ cols.T`` per group with the long sum over positions cut into
-        pieces of at most TF32X3_MAX_K, one batched GEMM over the pieces and a fixed-order
-        float32 sum of their results (the tensor cores err more on longer sums)."""
-        groups, yg, q = gyt.hi.shape
-        rows = cols.hi.shape[1]
-        # the fewest pieces of at most TF32X3_MAX_K, as even as 16-byte steps allow
-        # (a short rest piece would cost GEMM calls of its own)
-        step = 4 * -(-q // (4 * -(-q // gpu_blas.TF32X3_MAX_K)))
+    def _weight_pieces(gyt, cols, step, dt):
+        """``gyt @ cols.T`` per group with the long sum over positions cut into pieces of
+        ``step`` (see :func:`weight_piece`): one batched GEMM over the pieces and a
+        fixed-order sum of their results."""
+        groups, yg, q = gpu_blas.arrays(gyt)[0].shape
+        rows = gpu_blas.arrays(cols)[0].shape[1]
         full, rest = divmod(q, step)
-        out = cp.empty((groups, full + (rest > 0), yg, rows), np.float32)
-        item = np.dtype(np.float32).itemsize
+        out = cp.empty((groups, full + (rest > 0), yg, rows), dt)
+        item = dt.itemsize
         for gi in range(groups):
             a = gpu_blas.view(gyt, lambda v: v[gi])                          # (Cy/G, Q)
             b = gpu_blas.view(cols, lambda v: v[gi])                         # (Cx/G*K, Q)
@@ -405,6 +426,38 @@ class Im2colGemm(gpu_blas.Fp32Twin, Algorithm):
         if groups == 1:
             return sum_batch(out[0])[None]                                   # (1, Cy, Cx*K)
         return out.sum(axis=1)                                               # (G, Cy/G, Cx/G*K)
+
+
+#: GEMM output tile edge assumed when counting the blocks a weight-gradient GEMM runs
+_GEMM_TILE = 128
+#: shortest piece of a split weight-gradient sum (shorter ones run GEMMs inefficiently)
+_MIN_PIECE = 1024
+
+
+@functools.lru_cache(maxsize=1024)
+def weight_piece(q, m, n, groups, max_k, sms, itemsize, limit):
+    """The length of the pieces a weight gradient's GEMM ``(M, Q) @ (Q, N)`` (per group)
+    cuts its long sum over positions into ("split-K"): ``q`` itself for one piece.
+
+    A weight gradient has few outputs (M x N) and a long sum: its GEMM alone would run
+    on a handful of tiles (18 of 132 SMs for a strided ResNet layer), so the sum is cut
+    into pieces, run as one batched GEMM, and the pieces' results are added in a fixed
+    order.  As many pieces as fill every SM twice, none shorter than _MIN_PIECE, their
+    results within a quarter of ``limit`` bytes; under tf32x3 (``max_k``) at least
+    enough that none is longer than ``max_k``.  Pieces are multiples of 4 long (16-byte
+    aligned operands for cuBLAS).
+    """
+    tiles = groups * -(-m // _GEMM_TILE) * -(-n // _GEMM_TILE)
+    want = min(-(-2 * sms // tiles), max(1, q // _MIN_PIECE), max(1, limit // 4 // (groups * m * n * itemsize)))
+    pieces = max(want, -(-q // max_k) if max_k else 1)
+    if pieces <= 1:
+        return q
+    return 4 * -(-q // (4 * pieces))
+
+
+@functools.lru_cache(maxsize=16)
+def _sm_count(device):
+    return int(cp.cuda.runtime.getDeviceProperties(device)["multiProcessorCount"])
 
 
 class DepthwiseDirect(Algorithm):

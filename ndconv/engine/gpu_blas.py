@@ -179,10 +179,15 @@ def _stack_plan(shape, src_strides, dst_strides, h2):
         (n0, s0, d0), (n1, s1, d1), (n2, s2, d2), (n3, s3, d3) = dims
         params = cp.asarray(np.array([n1, n2, n3, s0, s1, s2, s3, d0, d1, d2, d3, h2], np.int64))
         rows = n0 * n1 * n2
-        threads = 256 if n3 >= 256 else 32 * -(-n3 // 32)
+        # float4 rows where every row start is a multiple of 4 elements (the addresses
+        # are checked per call); each thread then takes 4 values
+        vec = (s3 == 1 and d3 == 1 and n3 % 4 == 0 and (h2 < 0 or h2 % 4 == 0)
+               and all(v % 4 == 0 for v in (s0, s1, s2, d0, d1, d2) if v))
+        lanes = n3 // 4 if vec else n3
+        threads = 256 if lanes >= 256 else 32 * -(-lanes // 32)
         grid_y = min(rows, 65535)
-        grid_x = max(1, min(-(-n3 // threads), (1 << 20) // grid_y))
-        found = ((grid_x, grid_y), (threads,), params, np.int64(rows))
+        grid_x = max(1, min(-(-lanes // threads), (1 << 20) // grid_y))
+        found = ((grid_x, grid_y), (threads,), params, np.int64(rows), vec)
     if len(_stack_plans) > 1024:
         _stack_plans.clear()
     _stack_plans[key] = found
@@ -200,12 +205,13 @@ def _stack(a, hi, lo, dst_strides, h2=-1):
     plan = _stack_plan(a.shape, a.strides, dst_strides, h2)
     if plan is None:
         return False
-    grid, block, params, rows = plan
+    grid, block, params, rows, vec = plan
+    vec = vec and not (a.data.ptr | hi | lo) % 16     # else the scalar loop (grid-stride)
     dev = cp.cuda.runtime.getDevice()
     fn = _stack_functions.get(dev)
     if fn is None:
         fn = _stack_functions[dev] = cp.RawModule(code=gpu_kernels.STACK_SOURCE).get_function("tf32_stack")
-    fn(grid, block, (a, np.uint64(hi), np.uint64(lo), params, rows))
+    fn(grid, block, (a, np.uint64(hi), np.uint64(lo), params, rows, np.int32(vec)))
     return True
 
 

@@ -17,6 +17,8 @@ bitwise reproducible (no atomics).
 """
 from __future__ import annotations
 
+import functools
+
 import math
 from dataclasses import dataclass
 
@@ -136,6 +138,7 @@ def _tiles(tile, out3):
     return -(-out3[2] // tile.tx), -(-out3[1] // tile.ty)
 
 
+@functools.lru_cache(maxsize=1024)
 def plan(op, g, dtype_name):
     """The launch of ``op`` on geometry ``g`` (the first kernel of the weight gradient,
     with ``ints[-1]`` = number of chunks), or None when the tiled kernels cannot do it."""
@@ -203,6 +206,7 @@ class DepthwiseTiled(Algorithm):
 
     def __init__(self):
         self._modules = {}
+        self._launches = {}
 
     def supports(self, op, g, dtype):
         return plan(op, g, np.dtype(dtype).name) is not None
@@ -224,30 +228,42 @@ class DepthwiseTiled(Algorithm):
             self._modules[key] = mod
         return mod.get_function(name)
 
+    def _launch(self, op, g, dtype_name):
+        """(kernel, grid, block, int64 arguments, final kernel or None) of a call, worked
+        out once per geometry: planning costs more host time than a small call's kernel."""
+        import cupy as cp
+        key = (cp.cuda.runtime.getDevice(), op, g, dtype_name)
+        found = self._launches.get(key)
+        if found is None:
+            launch = plan(op, g, dtype_name)
+            if launch is None:          # supports() said yes for this call: cannot happen
+                raise ValueError(f"depthwise_tiled cannot run {op} for x {g.x_shape}, weight {g.w_shape}")
+            final = self._function(dtype_name, launch, "dw_tiled_wgrad_final") if op == "backward_weight" else None
+            found = (self._function(dtype_name, launch, KERNEL_NAMES[op]), launch.grid, (launch.tile.threads,),
+                     tuple(np.int64(v) for v in launch.ints), final)
+            if len(self._launches) > 4096:
+                self._launches.clear()
+            self._launches[key] = found
+        return found
+
     def run(self, engine, op, a, b, g):
         import cupy as cp
         dtype_name = a.dtype.name
-        launch = plan(op, g, dtype_name)
-        if launch is None:          # supports() said yes for this call: cannot happen
-            raise ValueError(f"depthwise_tiled cannot run {op} for x {g.x_shape}, weight {g.w_shape}")
-        ints = tuple(np.int64(v) for v in launch.ints)
-        threads = launch.tile.threads
-        fn = self._function(dtype_name, launch, KERNEL_NAMES[op])
+        fn, grid, block, ints, final = self._launch(op, g, dtype_name)
         if op == "forward":
             out = cp.empty(g.y_shape, dtype=a.dtype)
-            fn(launch.grid, (threads,), (a, b, out) + ints)
+            fn(grid, block, (a, b, out) + ints)
             return out
         if op == "backward_input":
             out = cp.empty(g.x_shape, dtype=a.dtype)
-            fn(launch.grid, (threads,), (a, b, out) + ints)
+            fn(grid, block, (a, b, out) + ints)
             return out
-        cy, parts, taps = g.y_channels, launch.ints[-1], g.taps
+        cy, parts, taps = g.y_channels, int(ints[-1]), g.taps
         acc = np.float64 if dtype_name == "float64" else np.float32
         partial = cp.empty(cy * parts * taps, dtype=acc)
         engine._note(partial)
-        fn(launch.grid, (threads,), (a, b, partial) + ints)
+        fn(grid, block, (a, b, partial) + ints)
         out = cp.empty(g.w_shape, dtype=a.dtype)
-        final = self._function(dtype_name, launch, "dw_tiled_wgrad_final")
         blocks = max(1, min(-(-(cy * taps) // 256), MAX_BLOCKS))
         final((blocks,), (256,), (partial, out, np.int64(cy), np.int64(parts)))
         return out

@@ -64,8 +64,15 @@ template <typename I> struct GeoT {
 };
 typedef GeoT<i64> Geo;
 
+// GEO_CONST (a module compiled for one geometry): the sizes are compile-time constants
+// instead of the p array, so every division by them is a multiply and shift.
 template <typename I = i64>
-__device__ __forceinline__ GeoT<I> load_geo(const i64* __restrict__ p) {
+__device__ __forceinline__ GeoT<I> load_geo(const i64* __restrict__ p_) {
+#ifdef GEO_CONST
+    constexpr i64 p[] = {GEO_CONST};
+#else
+    const i64* __restrict__ p = p_;
+#endif
     GeoT<I> g;
     g.N = (I)p[0]; g.Cx = (I)p[1]; g.Cy = (I)p[2]; g.G = (I)p[3];
 #pragma unroll
@@ -117,7 +124,11 @@ extern "C" __global__ void im2col(const T* __restrict__ x, ACC* __restrict__ col
     const GeoT<ix> g = load_geo<ix>(gp);
     const ix n0 = (ix)n0_, nb = (ix)nb_, a = (ix)a_;
     ix Yc[ND];
+#ifdef ROWS_FULL
+    Yc[0] = g.Y[0];                      // every output row: a compile-time P
+#else
     Yc[0] = (ix)rows_;
+#endif
 #pragma unroll
     for (int d = 1; d < ND; ++d) Yc[d] = g.Y[d];
     const ix P = prod3(Yc), K = prod3(g.K), Q = nb * P;
@@ -441,8 +452,10 @@ __device__ __forceinline__ void tf32_split(double v, double& hi, double& lo) { h
 STACK_SOURCE = r"""
 typedef long long i64;
 """ + TF32_SPLIT + r"""
+// vec: every row of the last dim is contiguous and 16-byte aligned in src, hi, lo and
+// hi + h2, n3 a multiple of 4: float4 loads and stores, 4 values per thread.
 extern "C" __global__ void tf32_stack(const float* __restrict__ src, float* __restrict__ hi,
-                                      float* __restrict__ lo, const i64* __restrict__ p, i64 rows) {
+                                      float* __restrict__ lo, const i64* __restrict__ p, i64 rows, int vec) {
     const i64 n1 = p[0], n2 = p[1], n3 = p[2];
     const i64 s0 = p[3], s1 = p[4], s2 = p[5], s3 = p[6];
     const i64 d0 = p[7], d1 = p[8], d2 = p[9], d3 = p[10], h2 = p[11];
@@ -451,6 +464,20 @@ extern "C" __global__ void tf32_stack(const float* __restrict__ src, float* __re
         const i64 i1 = t % n1, i0 = t / n1;
         const float* s = src + i0 * s0 + i1 * s1 + i2 * s2;
         const i64 d = i0 * d0 + i1 * d1 + i2 * d2;
+        if (vec) {
+            for (i64 i = 4 * ((i64)blockIdx.x * blockDim.x + threadIdx.x); i < n3; i += 4 * (i64)blockDim.x * gridDim.x) {
+                const float4 v = *reinterpret_cast<const float4*>(s + i);
+                float4 h, l;
+                tf32_split(v.x, h.x, l.x);
+                tf32_split(v.y, h.y, l.y);
+                tf32_split(v.z, h.z, l.z);
+                tf32_split(v.w, h.w, l.w);
+                *reinterpret_cast<float4*>(hi + d + i) = h;
+                *reinterpret_cast<float4*>(lo + d + i) = l;
+                if (h2 >= 0) *reinterpret_cast<float4*>(hi + d + i + h2) = h;
+            }
+            continue;
+        }
         for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < n3; i += (i64)blockDim.x * gridDim.x) {
             float h, l;
             tf32_split(s[i * s3], h, l);
@@ -481,18 +508,22 @@ extern "C" __global__ void sum_batch_d(const double* a, double* out, i64 n, i64 
 """
 
 
-def source(nd, dtype_name, index32=False):
+def source(nd, dtype_name, index32=False, geometry=None):
     """The CUDA source for ``nd`` spatial dims and one of float16/float32/float64.
 
     ``index32``: the im2col family indexes with 32-bit ints (the caller checks that
-    every flat index of the call fits)."""
+    every flat index of the call fits).  ``geometry``: the parameter array's values
+    (see ``load_geo``), compiled in as constants (``im2col`` then also assumes a chunk
+    of every output row)."""
     if nd not in (1, 2, 3):
         raise ValueError(f"nd must be 1, 2 or 3, got nd={nd!r}")
     try:
         storage, acc, is_half = _TYPES[dtype_name]
     except KeyError:
         raise ValueError(f"dtype must be float16, float32 or float64, got dtype={dtype_name!r}") from None
-    return (_TEMPLATE.replace("__HALF_IO__", _HALF_IO).replace("__TF32_SPLIT__", TF32_SPLIT)
+    head = "" if geometry is None else \
+        f"#define GEO_CONST {', '.join(str(int(v)) for v in geometry)}\n#define ROWS_FULL 1\n"
+    return head + (_TEMPLATE.replace("__HALF_IO__", _HALF_IO).replace("__TF32_SPLIT__", TF32_SPLIT)
             .replace("__ND__", str(nd)).replace("__IS_HALF__", str(is_half))
             .replace("__WG_THREADS__", str(WGRAD_THREADS)).replace("__IX__", "int" if index32 else "i64")
             .replace("__STORAGE__", storage).replace("__ACC__", acc))
