@@ -420,6 +420,49 @@ if AVAILABLE:
             if not rows:
                 _store_plane(acc, dst.reshape(o0_, o1_, o2_), p1_ * p2_, p2_)
 
+    @njit(fastmath=True, cache=True)
+    def _edge(row, buf, q0, count, lo):
+        # buf[e] = padded row[q0 + e] for e < count (x[q - lo] inside x, zero outside), then SLACK zeros
+        x_len = row.shape[0]
+        for e in range(count):
+            i = q0 + e - lo
+            buf[e] = row[i] if 0 <= i < x_len else 0
+        buf[count:count + SLACK] = 0
+
+    @njit(parallel=True, fastmath=True, cache=True)
+    def slide_row(src, w, offsets, out, lo, mult, gather):
+        """slide_taps for planes of one row (1-D): no padded copy of the plane.
+
+        src (N, C_src, X), out (N, C_out, O).  Outputs whose window (and the vector the
+        kernel reads past it) lies inside x read the row where it is; the few at either
+        end read a small padded copy of the row's ends.
+        """
+        n_, cout, o_ = out.shape[0], out.shape[1], out.shape[2]
+        x_len = src.shape[2]
+        k = offsets.shape[0]
+        span = offsets[k - 1] + 1 if k else 1
+        i0 = min(o_, lo)                                             # first output read from x itself
+        i1 = min(o_, max(i0, x_len + lo - span - SLACK + 2))         # end of those
+        size = max(i0, o_ - i1) + span + SLACK
+        chunk = 8
+        for part in prange((n_ * cout + chunk - 1) // chunk):
+            buf = np.empty(size, dtype=out.dtype)
+            for job in range(part * chunk, min(n_ * cout, part * chunk + chunk)):
+                n = job // cout
+                j = job % cout
+                dst = out[n, j]
+                for m in range(mult if gather else 1):
+                    c = j * mult + m if gather else j
+                    row = src[n, c if gather else j // mult]
+                    if i0 > 0:
+                        _edge(row, buf, 0, i0 + span - 1, lo)
+                        slide(SLIDE_V, dst, 0, buf, 0, offsets, w, c * k, i0, m)
+                    if i1 > i0:
+                        slide(SLIDE_V, dst, i0, row, i0 - lo, offsets, w, c * k, i1 - i0, m)
+                    if o_ > i1:
+                        _edge(row, buf, i1, o_ - i1 + span - 1, lo)
+                        slide(SLIDE_V, dst, i1, buf, 0, offsets, w, c * k, o_ - i1, m)
+
 
 def as5d(a, nd):
     """(N, C, *s) -> (N, C, 1.., *s) with 5 dims, a view."""
