@@ -321,9 +321,10 @@ def test_implicit_gemm_vs_torch(tcuda, gpu, case):
         got = run_ndconv(case, *(cp.asarray(a) for a in (x, w, b, gy)))
         ran = {op for op, name in gpu.last_algorithm.items() if name == "implicit_gemm"}
         assert ran == {"forward", "backward_input"}
+        algorithms = dict(gpu.last_algorithm)
     ref = torch_reference(tcuda, case, x, w, b, gy, dtype="float32")
     for what, a, r in zip(("output", "grad_input", "grad_weight", "grad_bias"), got, ref):
-        assert relerr(a, r) < 1e-5, (what, relerr(a, r))
+        assert relerr(a, r) < 1e-5, (what, relerr(a, r), algorithms)
 
 
 def test_implicit_gemm_is_the_untuned_choice_for_k_equal_s_transposed():
