@@ -1273,9 +1273,10 @@ def test_weight_piece_fills_the_device_and_bounds_tf32x3_sums():
     # enough tiles already, or a short sum: one piece
     assert weight_piece(4096, 4096, 2048, 1, None, 132, 4, 1 << 30) == 4096
     assert weight_piece(1500, 64, 64, 1, None, 132, 4, 1 << 30) == 1500
-    # tf32x3: no piece longer than TF32X3_MAX_K, even when the device is full
+    # tf32x3: the fewest pieces no longer than TF32X3_MAX_K (12544 -> 4 of 3136)
     step = weight_piece(50000, 4096, 4096, 1, TF32X3_MAX_K, 132, 4, 1 << 30)
-    assert step <= TF32X3_MAX_K
+    assert step <= TF32X3_MAX_K and -(-50000 // step) == -(-50000 // TF32X3_MAX_K)
+    assert weight_piece(12544, 256, 1152, 1, TF32X3_MAX_K, 132, 4, 1 << 30) == 3136
     # the pieces' results stay within a quarter of the workspace limit
     step = weight_piece(1 << 20, 64, 64, 1, None, 132, 4, 64 * 64 * 4 * 8 * 4)
     assert -(-(1 << 20) // step) <= 8
