@@ -27,7 +27,8 @@ Algorithms (``CPUEngine.algorithms``):
   Strides natively in the forward and weight gradient; the input gradient is the
   flipped forward (through phases when strided).  The untuned choice for kernels
   larger than 1x1 with at least 16 channels per group.
-* ``depthwise`` - compiled loops (numba) when each group reads one channel.
+* ``depthwise`` - compiled loops (numba) when each group reads one channel; stride 1
+  (forward, input gradient) through a register-blocked sliding kernel.
 * ``grouped`` - compiled direct loops (numba) for a few channels per group, where
   the per-group GEMMs are too small for BLAS (see ``cpu_grouped``).
 * ``im2col`` - the general fallback: gathered columns, GEMM, scatter-add (col2im).

@@ -5,6 +5,14 @@ multiplier M = Cy / Cx) do too little arithmetic per byte for BLAS; these loops
 read each padded plane once per tap from L1 and vectorise along the last axis.
 Every array is 5-D (N, C, D, H, W): 1-D and 2-D calls add unit axes.  Each
 parallel iteration owns its output plane, so results do not depend on threading.
+
+Stride 1 forward and input gradient run the sliding micro-kernel ``slide`` (LLVM
+IR through numba's ``intrinsic``, as cpu_direct's tile): blocks of SLIDE_V vectors
+of outputs stay in registers for the whole sum over taps, one unaligned load per
+FMA.  1-D planes read x in place (``slide_row``); 2-D/3-D planes are padded into a
+buffer and read flat at the padded pitch (``slide_taps``).  Other strides use the
+plain loops (``forward``, ``backward_input``); the weight gradient uses
+``flat_backward_weight`` (stride 1) or ``backward_weight``.
 """
 import numpy as np
 
@@ -120,8 +128,9 @@ if AVAILABLE:
     # Stride 1: each (sample, channel) plane is padded into a small local buffer and
     # read flat.  Output p (at the padded row pitch) of tap t reads plane[p + offset[t]],
     # so a tap is one long contiguous loop; the wrap-around positions between rows are
-    # computed and dropped.  The loops live in helpers: inside a prange body numba
-    # lowers them without vectorising.
+    # computed and dropped (forward and input gradient: slide_taps below; weight
+    # gradient: flat_backward_weight).  The loops live in helpers: inside a prange body
+    # numba lowers them without vectorising.
 
     @njit(fastmath=True, cache=True)
     def _load_plane(src, plane, lo0, lo1, lo2, p0_, p1_, p2_):
@@ -141,42 +150,6 @@ if AVAILABLE:
         """The plane seen from taps t, t+1, t+2: three shifted views of ``length``."""
         return (plane[offsets[t]:offsets[t] + length], plane[offsets[t + 1]:offsets[t + 1] + length],
                 plane[offsets[t + 2]:offsets[t + 2] + length])
-
-    @njit(fastmath=True, cache=True)
-    def _taps(plane, wk, offsets, acc, length):
-        # acc[p] += sum_t wk[t] * plane[p + offsets[t]], nine (then six, three) taps per pass
-        # over acc (the loop is bound by loads and stores, not by multiply-adds)
-        k = offsets.shape[0]
-        t = 0
-        while t + 9 <= k:
-            w0, w1, w2, w3, w4, w5 = wk[t], wk[t + 1], wk[t + 2], wk[t + 3], wk[t + 4], wk[t + 5]
-            w6, w7, w8 = wk[t + 6], wk[t + 7], wk[t + 8]
-            s0, s1, s2 = _three(plane, offsets, t, length)
-            s3, s4, s5 = _three(plane, offsets, t + 3, length)
-            s6, s7, s8 = _three(plane, offsets, t + 6, length)
-            for p in range(length):
-                acc[p] += (((w0 * s0[p] + w1 * s1[p] + w2 * s2[p]) + (w3 * s3[p] + w4 * s4[p] + w5 * s5[p]))
-                           + (w6 * s6[p] + w7 * s7[p] + w8 * s8[p]))
-            t += 9
-        while t + 6 <= k:
-            w0, w1, w2, w3, w4, w5 = wk[t], wk[t + 1], wk[t + 2], wk[t + 3], wk[t + 4], wk[t + 5]
-            s0, s1, s2 = _three(plane, offsets, t, length)
-            s3, s4, s5 = _three(plane, offsets, t + 3, length)
-            for p in range(length):
-                acc[p] += (w0 * s0[p] + w1 * s1[p] + w2 * s2[p]) + (w3 * s3[p] + w4 * s4[p] + w5 * s5[p])
-            t += 6
-        while t + 3 <= k:
-            w0, w1, w2 = wk[t], wk[t + 1], wk[t + 2]
-            s0, s1, s2 = _three(plane, offsets, t, length)
-            for p in range(length):
-                acc[p] += w0 * s0[p] + w1 * s1[p] + w2 * s2[p]
-            t += 3
-        while t < k:
-            wv = wk[t]
-            seg = plane[offsets[t]:offsets[t] + length]
-            for p in range(length):
-                acc[p] += wv * seg[p]
-            t += 1
 
     @njit(fastmath=True, cache=True)
     def _store_plane(acc, out, pitch0, pitch1):
@@ -243,25 +216,6 @@ if AVAILABLE:
                 part += g[p] * seg[p]
             out[t] += part
             t += 1
-
-    @njit(parallel=True, fastmath=True, cache=True)
-    def flat_taps(src, w, offsets, out, lo0, lo1, lo2, p0_, p1_, p2_, mult, gather):
-        # out (N, C_out, O0, O1, O2) from padded planes of src (N, C_src, ...) and w (Cy, K).
-        # Forward (gather False): out channel j reads src channel j // mult with w[j].
-        # Input gradient (gather True, w flipped, src = gy with the complementary padding):
-        # out channel c sums src channels c*mult + m with w[c*mult + m].
-        n_, cout = out.shape[0], out.shape[1]
-        length = ((out.shape[2] - 1) * p1_ + out.shape[3] - 1) * p2_ + out.shape[4]
-        for job in prange(n_ * cout):
-            n = job // cout
-            j = job % cout
-            plane = np.empty(p0_ * p1_ * p2_, dtype=out.dtype)
-            acc = np.zeros(length, dtype=out.dtype)
-            for m in range(mult if gather else 1):
-                row = j * mult + m if gather else j
-                _load_plane(src[n, row if gather else j // mult], plane, lo0, lo1, lo2, p0_, p1_, p2_)
-                _taps(plane, w[row], offsets, acc, length)
-            _store_plane(acc, out[n, j], p1_ * p2_, p2_)
 
     @njit(parallel=True, fastmath=True, cache=True)
     def flat_backward_weight(x, gy, offsets, gw, lo0, lo1, lo2, p0_, p1_, p2_, mult):
@@ -390,7 +344,11 @@ if AVAILABLE:
 
     @njit(parallel=True, fastmath=True, cache=True)
     def slide_taps(src, w, offsets, out, o0_, o1_, o2_, lo0, lo1, lo2, p0_, p1_, p2_, mult, gather, rows):
-        """As flat_taps through the sliding kernel; out is (N, C_out, O0*O1*O2), w (Cy*K).
+        """out (N, C_out, O0*O1*O2) from padded planes of src (N, C_src, ...) and w (Cy*K).
+
+        Forward (gather False): out channel j reads src channel j // mult with w[j].
+        Input gradient (gather True, w flipped, src = gy with the complementary padding):
+        out channel c sums src channels c*mult + m with w[c*mult + m].
 
         rows: one kernel call per output row, straight into out (long rows); else one
         call over the whole plane at the padded pitch into a buffer, copied out without
