@@ -1,4 +1,4 @@
-"""Hypothesis strategies shared by the engine tests."""
+"""Hypothesis strategies and helpers shared by the engine tests."""
 from hypothesis import strategies as st
 
 
@@ -18,3 +18,18 @@ def conv_cases(draw, per_group=st.integers(1, 3), size_slack=4):
     return dict(batch=draw(st.integers(1, 3)), c_in=groups * draw(per_group),
                 c_out=groups * draw(per_group), groups=groups, kernel=kernel, stride=stride,
                 dilation=dilation, padding=tuple(zip(lo, hi)), size=size)
+
+
+def at_thread_counts(fn, counts=(1, 2)):
+    """``[fn() for each numba thread count]`` (capped by NUMBA_NUM_THREADS); the count is
+    restored afterwards."""
+    import numba
+    saved = numba.get_num_threads()
+    try:
+        out = []
+        for threads in counts:
+            numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+            out.append(fn())
+        return out
+    finally:
+        numba.set_num_threads(saved)

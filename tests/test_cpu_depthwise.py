@@ -7,6 +7,7 @@ from hypothesis import given, settings, strategies as st
 import ndconv
 from ndconv.engine import cpu_depthwise as dw
 from ndconv.engine.cpu import CPUEngine
+from strategies import at_thread_counts
 
 pytestmark = pytest.mark.skipif(not dw.AVAILABLE, reason="numba not installed")
 rng = np.random.default_rng(17)
@@ -122,20 +123,15 @@ def test_depthwise_row_and_flat_passes(size, kernel, padding):
 @pytest.mark.parametrize("size,kernel,padding", [((4, 1000), (1, 31), 0), ((2000,), (31,), 15),
                                                  ((9, 33), (3, 3), 1)])
 def test_depthwise_does_not_depend_on_threads(size, kernel, padding):
-    import numba
     g = geometry((2, 6) + size, (12, 1) + kernel, padding=padding, groups=6)
     x = rng.standard_normal(g.x_shape).astype(np.float32)
     w = rng.standard_normal(g.w_shape).astype(np.float32)
     gy = rng.standard_normal(g.y_shape).astype(np.float32)
     e = CPUEngine()
-    saved = numba.get_num_threads()
-    results = []
-    try:
-        for threads in (1, min(2, numba.config.NUMBA_NUM_THREADS)):
-            numba.set_num_threads(threads)
-            with e.force("depthwise"):
-                results.append((e.forward(x, w, g), e.backward_input(gy, w, g), e.backward_weight(x, gy, g)))
-    finally:
-        numba.set_num_threads(saved)
+
+    def run():
+        with e.force("depthwise"):
+            return e.forward(x, w, g), e.backward_input(gy, w, g), e.backward_weight(x, gy, g)
+    results = at_thread_counts(run)
     for a, b in zip(*results):
         np.testing.assert_array_equal(a, b)

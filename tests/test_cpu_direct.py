@@ -8,7 +8,7 @@ from hypothesis import given, settings, strategies as st
 import ndconv
 from ndconv.engine import cpu_direct as cd
 from ndconv.engine.cpu import CPUEngine
-from strategies import conv_cases
+from strategies import at_thread_counts, conv_cases
 
 pytestmark = pytest.mark.skipif(not cd.AVAILABLE, reason="numba not installed")
 rng = np.random.default_rng(11)
@@ -97,19 +97,14 @@ def test_direct_forward_many_blocks_and_threads():
 
 
 def test_direct_weight_gradient_does_not_depend_on_threads():
-    import numba
     g = geometry((2, 24, 30, 30), (32, 24, 3, 3), padding=1)
     x, gy = rng.standard_normal(g.x_shape).astype(np.float32), rng.standard_normal(g.y_shape).astype(np.float32)
     e = CPUEngine()
-    saved = numba.get_num_threads()
-    results = []
-    try:
-        for threads in (1, min(2, numba.config.NUMBA_NUM_THREADS)):
-            numba.set_num_threads(threads)
-            with e.force("direct"):
-                results.append(e.backward_weight(x, gy, g))
-    finally:
-        numba.set_num_threads(saved)
+
+    def run():
+        with e.force("direct"):
+            return e.backward_weight(x, gy, g)
+    results = at_thread_counts(run)
     np.testing.assert_array_equal(results[0], results[1])
 
 
