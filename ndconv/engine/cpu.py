@@ -634,12 +634,12 @@ class CPUEngine:
         into a buffer first; planes of one output row go straight into out, planes of several rows are
         computed at the padded pitch and copied out (measured: per-row calls lose up to
         2x on short rows, the flat pass adds a copy that costs ~20% on one long row)."""
-        size = dw.pad3(g.y_size, g.nd, 1)
         mult = max(g.y_channels, g.x_channels) // g.groups
         if plane[3] * plane[4] == 1:          # one padded row per plane: read x in place (1-D)
             dw.slide_row(src.reshape(src.shape[:2] + (-1,)), wk, offsets, out.reshape(out.shape[:2] + (-1,)),
                          plane[2], mult, gather)
             return
+        size = dw.pad3(g.y_size, g.nd, 1)
         dw.slide_taps(dw.as5d(src, g.nd), wk, offsets, out.reshape(out.shape[:2] + (-1,)), *size, *plane,
                       mult, gather, size[0] * size[1] == 1)
 

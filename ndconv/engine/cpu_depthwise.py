@@ -16,6 +16,9 @@ plain loops (``forward``, ``backward_input``); the weight gradient uses
 """
 import numpy as np
 
+from . import cpu_ir
+from .cpu_ir import VECTOR_BYTES
+
 try:
     import numba
     from numba import njit, prange, types
@@ -26,7 +29,6 @@ except ImportError:  # the engine falls back to im2col + BLAS
     numba = None
 
 AVAILABLE = numba is not None
-VECTOR_BYTES = 64
 SLIDE_VECTORS = (4, 8, 12, 16)     # block widths of the sliding kernel that are compiled
 SLIDE_V = 12                       # the one the drivers use (measured: 4-16 within noise; 12 a little ahead)
 SLACK = VECTOR_BYTES // 4          # elements a source buffer must be readable past its last used one
@@ -253,33 +255,24 @@ if AVAILABLE:
             sig = types.void(out, o, src, s_off, toff, w, w_off, n, accumulate)
 
             def codegen(context, builder, sig, args):
-                i64, i32 = ir.IntType(64), ir.IntType(32)
+                i64 = ir.IntType(64)
                 out_a, src_a, toff_a, w_a = (context.make_array(sig.args[i])(context, builder, args[i])
                                              for i in (0, 2, 4, 5))
                 o, s_off, w_off, n, accumulate = (context.cast(builder, args[i], sig.args[i], types.int64)
                                                   for i in (1, 3, 6, 7, 8))
                 taps = builder.extract_value(toff_a.shape, 0)
                 scalar = context.get_value_type(sig.args[0].dtype)
-                width = VECTOR_BYTES // (8 if scalar == ir.DoubleType() else 4)
-                vec = ir.VectorType(scalar, width)
-                name = "llvm.fma.v%d%s" % (width, "f64" if scalar == ir.DoubleType() else "f32")
-                fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vec, [vec] * 3), name)
+                vec = cpu_ir.vector_type(scalar)
+                width = vec.count
+                fma = cpu_ir.fma(builder, vec)
                 # allocas in the entry block: mem2reg turns them into registers
                 acc = [cgutils.alloca_once(builder, vec) for _ in range(nv)]
                 spill = cgutils.alloca_once(builder, vec)
-                undef = ir.Constant(vec, ir.Undefined)
-                splat = ir.Constant(ir.VectorType(i32, width), [0] * width)
                 add = builder.icmp_signed("!=", accumulate, ir.Constant(i64, 0))
                 out0 = builder.gep(out_a.data, [o])
                 src0 = builder.gep(src_a.data, [s_off])
                 w0 = builder.gep(w_a.data, [w_off])
                 tp = toff_a.data
-
-                def vector_at(base, j):
-                    return builder.bitcast(builder.gep(base, [ir.Constant(i64, width * j)]), vec.as_pointer())
-
-                def store(p, v):
-                    builder.store(builder.select(add, builder.fadd(v, builder.load(p, align=1)), v), p, align=1)
 
                 def block(base, count, last=None):
                     # count vectors from element base; last: how many lanes of the last one to store
@@ -287,23 +280,21 @@ if AVAILABLE:
                         builder.store(ir.Constant(vec, None), cell)
                     with cgutils.for_range(builder, taps) as tloop:
                         t = tloop.index
-                        wv = builder.load(builder.gep(w0, [t]))
-                        sv = builder.shuffle_vector(builder.insert_element(undef, wv, ir.Constant(i32, 0)), undef, splat)
+                        sv = cpu_ir.splat(builder, vec, builder.load(builder.gep(w0, [t])))
                         row = builder.gep(src0, [builder.add(base, builder.load(builder.gep(tp, [t])))])
                         for j in range(count):
-                            x = builder.load(vector_at(row, j), align=1)
+                            x = builder.load(cpu_ir.vector_at(builder, row, j, vec), align=1)
                             builder.store(builder.call(fma, [sv, x, builder.load(acc[j])]), acc[j])
                     dst = builder.gep(out0, [base])
                     for j in range(count if last is None else count - 1):
-                        store(vector_at(dst, j), builder.load(acc[j]))
+                        cpu_ir.store(builder, add, cpu_ir.vector_at(builder, dst, j, vec), builder.load(acc[j]))
                     if last is not None:
                         builder.store(builder.load(acc[count - 1]), spill)
                         lanes = builder.bitcast(spill, scalar.as_pointer())
                         tail = builder.gep(dst, [ir.Constant(i64, width * (count - 1))])
                         with cgutils.for_range(builder, last) as e:
                             q = builder.gep(tail, [e.index])
-                            v = builder.load(builder.gep(lanes, [e.index]))
-                            builder.store(builder.select(add, builder.fadd(v, builder.load(q)), v), q)
+                            cpu_ir.store(builder, add, q, builder.load(builder.gep(lanes, [e.index])), align=None)
 
                 span = ir.Constant(i64, nv * width)
                 blocks = builder.sdiv(n, span)

@@ -38,6 +38,9 @@ import math
 
 import numpy as np
 
+from . import cpu_ir
+from .cpu_ir import VECTOR_BYTES
+
 try:
     import numba
     from numba import njit, prange, types
@@ -48,7 +51,6 @@ except ImportError:  # the engine falls back to its BLAS paths
     numba = None
 
 AVAILABLE = numba is not None
-VECTOR_BYTES = 64
 MR_FOR = (0, 16, 12, 8, 6)        # rows per tile for nv = 1..4 vectors of columns (measured)
 PARTS = 4                          # fixed position ranges of the weight gradient
 BLOCK = 384                        # output positions per forward job at most (measured 96-1536)
@@ -79,19 +81,14 @@ if AVAILABLE:
                 arrays = {i: context.make_array(sig.args[i])(context, builder, args[i]) for i in (0, 3, 7, 11, 12)}
                 cp, ap, bp, tap, tbp = (arrays[i].data for i in (0, 3, 7, 11, 12))
                 taps = builder.extract_value(arrays[11].shape, 0)
-                scalar = context.get_value_type(sig.args[0].dtype)
-                width = VECTOR_BYTES // (8 if scalar == ir.DoubleType() else 4)
-                vec = ir.VectorType(scalar, width)
-                i64, i32 = ir.IntType(64), ir.IntType(32)
-                name = "llvm.fma.v%d%s" % (width, "f64" if scalar == ir.DoubleType() else "f32")
-                fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vec, [vec] * 3), name)
+                vec = cpu_ir.vector_type(context.get_value_type(sig.args[0].dtype))
+                i64 = ir.IntType(64)
+                fma = cpu_ir.fma(builder, vec)
                 # allocas in the entry block: mem2reg turns them into registers
                 acc = [[cgutils.alloca_once(builder, vec) for _ in range(nv)] for _ in range(mr)]
                 for row in acc:
                     for cell in row:
                         builder.store(ir.Constant(vec, None), cell)
-                undef = ir.Constant(vec, ir.Undefined)
-                splat = ir.Constant(ir.VectorType(i32, width), [0] * width)
                 with cgutils.for_range(builder, taps) as tloop:
                     t = tloop.index
                     a_t = builder.gep(ap, [builder.add(a_off, builder.load(builder.gep(tap, [t])))])
@@ -99,21 +96,18 @@ if AVAILABLE:
                     with cgutils.for_range(builder, k_len) as kloop:
                         k = kloop.index
                         b_row = builder.gep(b_t, [builder.mul(k, b_rs)])
-                        bv = [builder.load(builder.bitcast(builder.gep(b_row, [ir.Constant(i64, width * j)]),
-                                                           vec.as_pointer()), align=1) for j in range(nv)]
+                        bv = [builder.load(cpu_ir.vector_at(builder, b_row, j, vec), align=1) for j in range(nv)]
                         a_col = builder.gep(a_t, [builder.mul(k, a_cs)])
                         for i in range(mr):
                             s = builder.load(builder.gep(a_col, [builder.mul(ir.Constant(i64, i), a_rs)]))
-                            sv = builder.shuffle_vector(builder.insert_element(undef, s, ir.Constant(i32, 0)), undef, splat)
+                            sv = cpu_ir.splat(builder, vec, s)
                             for j in range(nv):
                                 builder.store(builder.call(fma, [sv, bv[j], builder.load(acc[i][j])]), acc[i][j])
                 add = builder.icmp_signed("!=", accumulate, ir.Constant(accumulate.type, 0))
                 for i in range(mr):
                     row = builder.gep(cp, [builder.add(c_off, builder.mul(ir.Constant(i64, i), ldc))])
                     for j in range(nv):
-                        p = builder.bitcast(builder.gep(row, [ir.Constant(i64, width * j)]), vec.as_pointer())
-                        v = builder.load(acc[i][j])
-                        builder.store(builder.select(add, builder.fadd(v, builder.load(p, align=1)), v), p, align=1)
+                        cpu_ir.store(builder, add, cpu_ir.vector_at(builder, row, j, vec), builder.load(acc[i][j]))
                 return context.get_dummy_value()
             return sig, codegen
         return tile

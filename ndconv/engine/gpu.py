@@ -62,7 +62,7 @@ from .gpu_plane import Plane
 from .gpu_flat import FlatGemm
 from .gpu_implicit import ImplicitGemm
 from .registry import FLOATS as _FLOATS
-from .registry import OPS, Algorithm, NotApplicable, Registry, check_op
+from .registry import OPS, Algorithm, NotApplicable, Registry, cached, check_op
 
 DEFAULT_WORKSPACE = 1 << 30
 _THREADS = 256
@@ -82,18 +82,13 @@ _modules = {}
 
 def _kernel(nd, dtype, name, index32=False, g=None):
     """A kernel of the shared module; with ``g``, of a module compiled for that geometry."""
-    key = (cp.cuda.runtime.getDevice(), nd, dtype, name, index32, g)
-    fn = _modules.get(key)
-    if fn is None:
-        mod_key = (key[0], nd, np.dtype(dtype).name, index32, g)
-        mod = _modules.get(mod_key)
-        if mod is None:
-            if len(_modules) > 4096:
-                _modules.clear()
-            code = gpu_kernels.source(nd, mod_key[2], index32, None if g is None else _param_values(g))
-            mod = _modules[mod_key] = cp.RawModule(code=code)
-        fn = _modules[key] = mod.get_function(name)
-    return fn
+    dev, dtype_name = cp.cuda.runtime.getDevice(), np.dtype(dtype).name
+
+    def module():
+        code = gpu_kernels.source(nd, dtype_name, index32, None if g is None else _param_values(g))
+        return cp.RawModule(code=code)
+    return cached(_modules, (dev, nd, dtype_name, name, index32, g),
+                  lambda: cached(_modules, (dev, nd, dtype_name, index32, g), module).get_function(name))
 
 
 #: im2col / col2im calls of at least this many elements run a module compiled for
@@ -155,7 +150,7 @@ def phase_shuffle(src, groups, stride, grid, to_phases):
     """
     if src.size >= 2 ** 31 or not src.flags.c_contiguous or src.dtype.itemsize not in (2, 4, 8):
         return None
-    fn, grid_dims, out_shape, ints = _launch_plan(
+    fn, grid_dims, out_shape, ints = cached(
         _shuffle_plans, (cp.cuda.runtime.getDevice(), src.shape, src.dtype.itemsize, groups, tuple(stride),
                          tuple(grid), bool(to_phases)),
         lambda: _shuffle_plan(src.shape, src.dtype.itemsize, groups, stride, grid, to_phases))
@@ -175,11 +170,8 @@ def _shuffle_plan(shape, itemsize, groups, stride, grid, to_phases):
     m = (1,) * pad + tuple(grid)
     s = (1,) * pad + tuple(stride)
     cg = channels // groups if to_phases else channels // (groups * math.prod(stride))
-    key = (cp.cuda.runtime.getDevice(), "phase_shuffle", itemsize)
-    fn = _modules.get(key)
-    if fn is None:
-        fn = _modules[key] = cp.RawModule(code=gpu_kernels.shuffle_source(itemsize)).get_function(
-            "phase_shuffle")
+    fn = cached(_modules, (cp.cuda.runtime.getDevice(), "phase_shuffle", itemsize),
+                lambda: cp.RawModule(code=gpu_kernels.shuffle_source(itemsize)).get_function("phase_shuffle"))
     if to_phases:
         out_shape = (nb, channels * math.prod(stride)) + tuple(grid)
     else:
@@ -213,16 +205,6 @@ def _im2col_chunks(g, itemsize, limit, copies):
     rows = max(1, limit // per_row)
     return tuple((n0, n0 + 1, a, min(g.y_size[0], a + rows))
                  for n0 in range(g.batch) for a in range(0, g.y_size[0], rows))
-
-
-def _launch_plan(cache, key, build):
-    """``cache[key]``, built by ``build()`` on first use (bounded: cleared past 4096 entries)."""
-    found = cache.get(key)
-    if found is None:
-        if len(cache) > 4096:
-            cache.clear()
-        found = cache[key] = build()
-    return found
 
 
 _column_plans = {}
@@ -269,7 +251,7 @@ class Im2colGemm(gpu_blas.Fp32Twin, Algorithm):
         ``[hi ; lo]`` per group (``stacked``), else a gpu_blas.Split."""
         split = gpu_blas.uses_tf32x3(dt, self.fp32_math)
         key = (cp.cuda.runtime.getDevice(), g, n0, n1, a, b, x.dtype.char, dt.char, split, stacked, _fits32(x))
-        kernel, grid, block, shape, lo_offset, ints = _launch_plan(
+        kernel, grid, block, shape, lo_offset, ints = cached(
             _column_plans, key, lambda: self._column_plan(x, g, n0, n1, a, b, dt, split, stacked))
         cols = cp.empty(shape, dtype=dt)
         # y: one block row per column row (c, tap); x: the (n, p) of that row
@@ -351,7 +333,7 @@ class Im2colGemm(gpu_blas.Fp32Twin, Algorithm):
             del gyt
             if (a, b) == (0, g.y_size[0]):
                 fits = _fits32(gcols, gx)
-                fn, blocks, ints = _launch_plan(
+                fn, blocks, ints = cached(
                     _col2im_plans, (cp.cuda.runtime.getDevice(), g, gy.dtype.char, fits, n0, n1),
                     lambda: (_kernel(g.nd, gy.dtype, "col2im_store", fits, _special(g, gcols.size)),
                              _blocks((n1 - n0) * g.x_channels * math.prod(g.x_size)),
@@ -386,15 +368,14 @@ class Im2colGemm(gpu_blas.Fp32Twin, Algorithm):
             gw = sum_batch(_per_group(gyv, xv.transpose(0, 1, 3, 2), math_))
             return gw.reshape(g.w_shape).astype(x.dtype, copy=False)
         gw = None
-        tf32 = gpu_blas.uses_tf32x3(dt, self.fp32_math)
+        max_k = gpu_blas.TF32X3_MAX_K if gpu_blas.uses_tf32x3(dt, self.fp32_math) else None
         for n0, n1, a, b in self._chunks(engine, g, dt.itemsize):
             cols = self._columns(x, g, n0, n1, a, b, dt)   # (G, Cx/G*K, nb*P)
             gyt = gpu_blas.presplit(self._rows_t(gy, g, n0, n1, a, b, dt), self.fp32_math)  # (G, Cy/G, nb*P)
             engine._note(*gpu_blas.arrays(gyt), *gpu_blas.arrays(cols))
             q = (n1 - n0) * (b - a) * math.prod(g.y_size[1:])
             step = weight_piece(q, g.y_channels // g.groups, g.x_channels // g.groups * g.taps, g.groups,
-                                gpu_blas.TF32X3_MAX_K if tf32 else None, _sm_count(cp.cuda.runtime.getDevice()), dt.itemsize,
-                                engine.workspace_limit)
+                                max_k, _sm_count(cp.cuda.runtime.getDevice()), dt.itemsize, engine.workspace_limit)
             if step < q:
                 part = self._weight_pieces(gyt, cols, step, dt)
             else:
@@ -539,11 +520,8 @@ def sum_batch(a):
     out = cp.empty(a.shape[1:], dtype=a.dtype)
     m = out.size
     if m:
-        key = (cp.cuda.runtime.getDevice(), "sum_batch", a.dtype.char)
-        fn = _modules.get(key)
-        if fn is None:
-            fn = _modules[key] = cp.RawModule(code=gpu_kernels.SUM_BATCH_SOURCE).get_function(
-                "sum_batch_" + a.dtype.char)
+        fn = cached(_modules, (cp.cuda.runtime.getDevice(), "sum_batch", a.dtype.char),
+                    lambda: cp.RawModule(code=gpu_kernels.SUM_BATCH_SOURCE).get_function("sum_batch_" + a.dtype.char))
         fn((_blocks(m),), (_THREADS,), (a, out, np.int64(a.shape[0]), np.int64(m)))
     return out
 

@@ -18,14 +18,13 @@ bitwise reproducible (no atomics).
 from __future__ import annotations
 
 import functools
-
 import math
 from dataclasses import dataclass
 
 import numpy as np
 
 from .registry import FLOATS as _FLOATS
-from .registry import OPS, Algorithm
+from .registry import OPS, Algorithm, cached
 
 #: static shared memory a block may use
 SMEM_LIMIT = 48 * 1024
@@ -220,31 +219,21 @@ class DepthwiseTiled(Algorithm):
     def _function(self, dtype_name, launch, name):
         import cupy as cp
         key = (cp.cuda.runtime.getDevice(),) + module_key(dtype_name, launch)
-        mod = self._modules.get(key)
-        if mod is None:
-            mod = cp.RawModule(code=module_source(key[1:]))
-            if len(self._modules) > 256:
-                self._modules.clear()
-            self._modules[key] = mod
-        return mod.get_function(name)
+        return cached(self._modules, key, lambda: cp.RawModule(code=module_source(key[1:])), 256).get_function(name)
 
     def _launch(self, op, g, dtype_name):
         """(kernel, grid, block, int64 arguments, final kernel or None) of a call, worked
         out once per geometry: planning costs more host time than a small call's kernel."""
         import cupy as cp
-        key = (cp.cuda.runtime.getDevice(), op, g, dtype_name)
-        found = self._launches.get(key)
-        if found is None:
+
+        def build():
             launch = plan(op, g, dtype_name)
             if launch is None:          # supports() said yes for this call: cannot happen
                 raise ValueError(f"depthwise_tiled cannot run {op} for x {g.x_shape}, weight {g.w_shape}")
             final = self._function(dtype_name, launch, "dw_tiled_wgrad_final") if op == "backward_weight" else None
-            found = (self._function(dtype_name, launch, KERNEL_NAMES[op]), launch.grid, (launch.tile.threads,),
-                     tuple(np.int64(v) for v in launch.ints), final)
-            if len(self._launches) > 4096:
-                self._launches.clear()
-            self._launches[key] = found
-        return found
+            return (self._function(dtype_name, launch, KERNEL_NAMES[op]), launch.grid, (launch.tile.threads,),
+                    tuple(np.int64(v) for v in launch.ints), final)
+        return cached(self._launches, (cp.cuda.runtime.getDevice(), op, g, dtype_name), build)
 
     def run(self, engine, op, a, b, g):
         import cupy as cp

@@ -22,6 +22,18 @@ def check_op(op, allow_all=False):
     return (op,)
 
 
+def cached(cache, key, build, limit=4096):
+    """``cache[key]``, built by ``build()`` on first use; the cache is emptied once it
+    holds more than ``limit`` entries (plans and compiled kernels per geometry: a
+    program sees few geometries, a long-running test many)."""
+    found = cache.get(key)
+    if found is None:
+        if len(cache) > limit:
+            cache.clear()
+        found = cache[key] = build()
+    return found
+
+
 class NotApplicable(Exception):
     """Raised by ``Algorithm.run`` when it finds out only at run time that it cannot do a
     call (e.g. a library has no kernel for it within the workspace limit); the engine

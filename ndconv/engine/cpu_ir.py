@@ -1,0 +1,43 @@
+"""LLVM IR pieces shared by the CPU micro-kernels (``cpu_direct``'s tile and
+``cpu_depthwise``'s sliding kernel), which numba's ``intrinsic`` emits directly
+because numba cannot keep an array of accumulators in vector registers.
+
+Vectors are 64 bytes (AVX-512; LLVM splits them on narrower machines) of float32
+or float64; every load and store is unaligned (``align=1``).
+"""
+try:
+    from llvmlite import ir
+    from numba.core import cgutils
+except ImportError:  # the engine falls back to its BLAS paths
+    ir = None
+
+VECTOR_BYTES = 64
+
+
+def vector_type(scalar):
+    """The 64-byte vector type of ``scalar`` (an LLVM float or double type)."""
+    return ir.VectorType(scalar, VECTOR_BYTES // (8 if scalar == ir.DoubleType() else 4))
+
+
+def fma(builder, vec):
+    """``llvm.fma`` on vectors of type ``vec``, declared once per module."""
+    name = "llvm.fma.v%d%s" % (vec.count, "f64" if vec.element == ir.DoubleType() else "f32")
+    return cgutils.get_or_insert_function(builder.module, ir.FunctionType(vec, [vec] * 3), name)
+
+
+def splat(builder, vec, s):
+    """The scalar ``s`` in every lane of a ``vec``."""
+    i32 = ir.IntType(32)
+    undef = ir.Constant(vec, ir.Undefined)
+    zeros = ir.Constant(ir.VectorType(i32, vec.count), [0] * vec.count)
+    return builder.shuffle_vector(builder.insert_element(undef, s, ir.Constant(i32, 0)), undef, zeros)
+
+
+def vector_at(builder, base, j, vec):
+    """A ``vec`` pointer to vector ``j`` from the scalar pointer ``base``."""
+    return builder.bitcast(builder.gep(base, [ir.Constant(ir.IntType(64), vec.count * j)]), vec.as_pointer())
+
+
+def store(builder, add, p, v, align=1):
+    """``*p = v``, or ``*p += v`` where the i1 ``add`` is set."""
+    builder.store(builder.select(add, builder.fadd(v, builder.load(p, align=align)), v), p, align=align)
