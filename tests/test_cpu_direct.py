@@ -20,11 +20,13 @@ def geometry(x_shape, w_shape, **kw):
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("nv", [1, 2, 3, 4])
+@pytest.mark.parametrize("short", range(cd.SHORT + 1))
 @pytest.mark.parametrize("accumulate", [0, 1])
-def test_tile_is_a_strided_multiply_add_over_taps(dtype, nv, accumulate):
-    """c[i, n] (+)= sum_t sum_k a[t-offset + i*a_rs + k*a_cs] * b[t-offset + k*b_rs + n]."""
+def test_tile_is_a_strided_multiply_add_over_taps(dtype, nv, short, accumulate):
+    """c[i, n] (+)= sum_t sum_k a[t-offset + i*a_rs + k*a_cs] * b[t-offset + k*b_rs + n], for
+    every tile shape (MR_FOR[nv] rows, or up to SHORT fewer)."""
     from numba import njit
-    mr, width, k_len = cd.MR_FOR[nv], nv * cd.lanes(dtype), 5
+    mr, width, k_len = cd.MR_FOR[nv] - short, nv * cd.lanes(dtype), 5
     a = rng.standard_normal(4000).astype(dtype)
     b = rng.standard_normal(4000).astype(dtype)
     c = rng.standard_normal(mr * (width + 3) + 7).astype(dtype)
@@ -33,7 +35,7 @@ def test_tile_is_a_strided_multiply_add_over_taps(dtype, nv, accumulate):
 
     @njit
     def call(c, a, b, toff_a, toff_b):
-        cd._tile(nv, c, c_off, ldc, a, a_off, a_rs, a_cs, b, b_off, b_rs, k_len, toff_a, toff_b, accumulate)
+        cd._tile(nv, mr, c, c_off, ldc, a, a_off, a_rs, a_cs, b, b_off, b_rs, k_len, toff_a, toff_b, accumulate)
     want = c.copy()
     block = np.zeros((mr, width))
     for ta, tb in zip(toff_a, toff_b):

@@ -530,7 +530,7 @@ class CPUEngine:
         ``need``; ``columns[j]`` is the channel in column j, or -1 for a zero column."""
         src = cd.position_map(a.shape[0], need, size, lo, channels, rows)
         cmap = np.where(columns >= 0, columns * math.prod(size), -1).astype(np.int64)
-        out = np.empty((rows, len(columns)), dtype=dt)
+        out = cd.aligned_empty((rows, len(columns)), dt)
         cd.pack(np.ascontiguousarray(a, dtype=dt).reshape(-1), src, cmap, out)
         return out
 
@@ -560,12 +560,12 @@ class CPUEngine:
         xl = self._direct_pack(x, g.x_channels, g.x_size, g.pad_lo, need,
                                g.batch * math.prod(need) + 16 * g.stride[-1], np.arange(g.x_channels), dt)
         # (Cy, Cx/G, *k) -> (G, K, Cx/G, Cy/G), output channels padded with zeros
-        wl = np.zeros((ng, g.taps, cg, ygp), dtype=dt)
+        wl = cd.aligned_empty((ng, g.taps, cg, ygp), dt, zero=True)
         wl[..., :yg] = np.asarray(w, dtype=dt).reshape(ng, yg, cg, g.taps).transpose(0, 3, 2, 1)
         self._note(xl, wl)
         if not y.flags.c_contiguous:
             raise ValueError("direct: the output buffer must be C-contiguous")
-        kc = max(8, cd.WEIGHT_BYTES // (g.taps * nv * cd.VECTOR_BYTES))
+        kc = cd.chunk(cg, max(8, cd.WEIGHT_BYTES // (g.taps * nv * cd.VECTOR_BYTES)))
         cd.forward(xl, wl, offsets, ng, cg, nv, kc, items, g.stride[-1], pitch, per_job, cols,
                    math.prod(g.y_size), y.reshape(-1))
         return y
@@ -584,7 +584,7 @@ class CPUEngine:
         ycols[cols] = np.arange(g.y_channels)
         gyl = self._direct_pack(gy, g.y_channels, g.y_size, (0,) * g.nd, g.y_size,
                                 g.batch * math.prod(g.y_size), ycols, dt)
-        parts = np.zeros((cd.PARTS, g.taps, ng, cgp, ygp), dtype=dt)
+        parts = cd.aligned_empty((cd.PARTS, g.taps, ng, cgp, ygp), dt, zero=True)
         self._note(xl, gyl, parts)
         positions = cd.GRADIENT_BYTES // ((xl.shape[1] + gyl.shape[1]) * dt.itemsize)
         chunk = max(1, positions // min(g.y_size[-1], cd.SEGMENT))

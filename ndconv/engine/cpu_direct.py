@@ -52,10 +52,11 @@ except ImportError:  # the engine falls back to its BLAS paths
 
 AVAILABLE = numba is not None
 MR_FOR = (0, 16, 12, 8, 6)        # rows per tile for nv = 1..4 vectors of columns (measured)
+SHORT = 2                          # a forward tile may take up to this many rows fewer (no tail waste)
 PARTS = 4                          # fixed position ranges of the weight gradient
 BLOCK = 384                        # output positions per forward job at most (measured 96-1536)
 SEGMENT = 384                      # outputs of a row per segment at most
-WEIGHT_BYTES = 48 << 10            # weights one forward pass over a job's tiles reads (measured 24-512 KiB)
+WEIGHT_BYTES = 128 << 10           # weights one forward pass over a job's tiles reads (measured 48-448 KiB, 64-byte aligned)
 GRADIENT_BYTES = 256 << 10         # rows of x and gy one weight-gradient tile call walks (measured)
 
 
@@ -112,18 +113,45 @@ if AVAILABLE:
             return sig, codegen
         return tile
 
-    _tile1, _tile2, _tile3, _tile4 = (_make_tile(MR_FOR[nv], nv) for nv in (1, 2, 3, 4))
+    # every (vectors, rows) shape a tile call may take: MR_FOR[nv] rows, or up to SHORT fewer
+    _TILES = {(nv, mr): _make_tile(mr, nv) for nv in (1, 2, 3, 4) for mr in range(MR_FOR[nv] - SHORT, MR_FOR[nv] + 1)}
+    _t1_16, _t1_15, _t1_14 = _TILES[1, 16], _TILES[1, 15], _TILES[1, 14]
+    _t2_12, _t2_11, _t2_10 = _TILES[2, 12], _TILES[2, 11], _TILES[2, 10]
+    _t3_8, _t3_7, _t3_6 = _TILES[3, 8], _TILES[3, 7], _TILES[3, 6]
+    _t4_6, _t4_5, _t4_4 = _TILES[4, 6], _TILES[4, 5], _TILES[4, 4]
 
     @njit(inline="always")
-    def _tile(nv, c, c_off, ldc, a, a_off, a_rs, a_cs, b, b_off, b_rs, k_len, toff_a, toff_b, accumulate):
+    def _tile(nv, mr, c, c_off, ldc, a, a_off, a_rs, a_cs, b, b_off, b_rs, k_len, toff_a, toff_b, accumulate):
+        """The tile of nv vectors by mr rows (MR_FOR[nv] - SHORT <= mr <= MR_FOR[nv])."""
+        d = MR_FOR[nv] - mr
         if nv == 4:
-            _tile4(c, c_off, ldc, a, a_off, a_rs, a_cs, b, b_off, b_rs, k_len, toff_a, toff_b, accumulate)
+            if d == 0:
+                _t4_6(c, c_off, ldc, a, a_off, a_rs, a_cs, b, b_off, b_rs, k_len, toff_a, toff_b, accumulate)
+            elif d == 1:
+                _t4_5(c, c_off, ldc, a, a_off, a_rs, a_cs, b, b_off, b_rs, k_len, toff_a, toff_b, accumulate)
+            else:
+                _t4_4(c, c_off, ldc, a, a_off, a_rs, a_cs, b, b_off, b_rs, k_len, toff_a, toff_b, accumulate)
         elif nv == 3:
-            _tile3(c, c_off, ldc, a, a_off, a_rs, a_cs, b, b_off, b_rs, k_len, toff_a, toff_b, accumulate)
+            if d == 0:
+                _t3_8(c, c_off, ldc, a, a_off, a_rs, a_cs, b, b_off, b_rs, k_len, toff_a, toff_b, accumulate)
+            elif d == 1:
+                _t3_7(c, c_off, ldc, a, a_off, a_rs, a_cs, b, b_off, b_rs, k_len, toff_a, toff_b, accumulate)
+            else:
+                _t3_6(c, c_off, ldc, a, a_off, a_rs, a_cs, b, b_off, b_rs, k_len, toff_a, toff_b, accumulate)
         elif nv == 2:
-            _tile2(c, c_off, ldc, a, a_off, a_rs, a_cs, b, b_off, b_rs, k_len, toff_a, toff_b, accumulate)
+            if d == 0:
+                _t2_12(c, c_off, ldc, a, a_off, a_rs, a_cs, b, b_off, b_rs, k_len, toff_a, toff_b, accumulate)
+            elif d == 1:
+                _t2_11(c, c_off, ldc, a, a_off, a_rs, a_cs, b, b_off, b_rs, k_len, toff_a, toff_b, accumulate)
+            else:
+                _t2_10(c, c_off, ldc, a, a_off, a_rs, a_cs, b, b_off, b_rs, k_len, toff_a, toff_b, accumulate)
         else:
-            _tile1(c, c_off, ldc, a, a_off, a_rs, a_cs, b, b_off, b_rs, k_len, toff_a, toff_b, accumulate)
+            if d == 0:
+                _t1_16(c, c_off, ldc, a, a_off, a_rs, a_cs, b, b_off, b_rs, k_len, toff_a, toff_b, accumulate)
+            elif d == 1:
+                _t1_15(c, c_off, ldc, a, a_off, a_rs, a_cs, b, b_off, b_rs, k_len, toff_a, toff_b, accumulate)
+            else:
+                _t1_14(c, c_off, ldc, a, a_off, a_rs, a_cs, b, b_off, b_rs, k_len, toff_a, toff_b, accumulate)
 
     @njit(inline="always")
     def _columns(nv, ygp, n0, width):
@@ -166,18 +194,31 @@ if AVAILABLE:
         count = items.shape[0]
         for job in prange((count + per_job - 1) // per_job):
             i0, i1 = job * per_job, min(count, job * per_job + per_job)
-            tile = np.empty((i1 - i0) * pitch * ldy, xl.dtype)
+            size = (i1 - i0) * pitch * ldy
+            buf = np.empty(size + VECTOR_BYTES // xl.itemsize, xl.dtype)
+            skip = ((-buf.ctypes.data) % VECTOR_BYTES) // xl.itemsize      # 64-byte aligned rows
+            tile = buf[skip:skip + size]
             for j in range(groups):
                 for n0 in range(0, ygp, width):
                     v, mr = _columns(nv, ygp, n0, width)
                     for k0 in range(0, cg, kc):
                         for i in range(i0, i1):
                             start, n = items[i, 0], items[i, 2]
-                            for p in range(0, n, mr):
-                                _tile(v, tile, ((i - i0) * pitch + p) * ldy + j * ygp + n0, ldy,
+                            # t tiles of base or base + 1 rows when that many fit the shapes, else
+                            # tiles of mr rows, the last one computing rows past n (dropped)
+                            t = (n + mr - 1) // mr
+                            base = n // t
+                            if base < mr - SHORT:
+                                base = mr
+                            extra = max(0, n - base * t)
+                            p = 0
+                            for q in range(t):
+                                r = base + 1 if q < extra else base
+                                _tile(v, r, tile, ((i - i0) * pitch + p) * ldy + j * ygp + n0, ldy,
                                       xf, (start + p * s_last) * ldx + j * cg + k0, s_last * ldx, 1,
                                       wf, (j * taps * cg + k0) * ygp + n0, ygp, min(kc, cg - k0),
                                       toff_a, toff_b, k0)
+                                p += r
             for i in range(i0, i1):
                 d, n = items[i, 1], items[i, 2]
                 for c in range(cols.shape[0]):
@@ -218,7 +259,7 @@ if AVAILABLE:
                         for n0 in range(0, ygp, width):
                             v, mr = _columns(nv, ygp, n0, width)
                             for i0 in range(0, cgp, mr):
-                                _tile(v, out, ((t * groups + j) * cgp + i0) * ygp + n0, ygp,
+                                _tile(v, mr, out, ((t * groups + j) * cgp + i0) * ygp + n0, ygp,
                                       xf, offsets[t] * ldx + j * cg + i0, 1, s_last * ldx,
                                       yf, j * ygp + n0, ldy, n, rows_a, rows_b, 1)
                 m = m1
@@ -226,6 +267,21 @@ if AVAILABLE:
 
 def round_up(n, m):
     return -(-n // m) * m
+
+
+def aligned_empty(shape, dtype, zero=False):
+    """An array whose data starts on a 64-byte boundary (NumPy's are 16-byte aligned, and
+    every 64-byte vector load of a misaligned row splits across two cache lines)."""
+    dtype = np.dtype(dtype)
+    nbytes = math.prod(shape) * dtype.itemsize
+    buf = (np.zeros if zero else np.empty)(nbytes + VECTOR_BYTES, np.uint8)
+    skip = -buf.ctypes.data % VECTOR_BYTES
+    return buf[skip:skip + nbytes].view(dtype).reshape(shape)
+
+
+def chunk(total, most):
+    """Equal chunks of at most ``most`` (not ``most, most, .., remainder``): the chunk length."""
+    return -(-total // -(-total // max(1, most)))
 
 
 @functools.lru_cache(maxsize=64)
