@@ -114,6 +114,8 @@ def test_depthwise_matches_reference_on_drawn_geometries(c):
     ((3, 1, 200), (3, 1, 9), ((1, 1), (0, 0), (4, 4))),
     ((2048,), (31,), ((15, 15),)),                   # the benchmark's row length
     ((9, 70), (3, 7), ((0, 2), (6, 0))),             # several rows: the flat pass, asymmetric padding
+    ((1, 2), (1, 2), ((0, 1), (0, 0))),               # gy has 2 rows, the input gradient reads only one
+    ((2, 3, 5), (1, 1, 3), ((0, 1), (0, 2), (1, 1))),
 ])
 def test_depthwise_row_and_flat_passes(size, kernel, padding):
     check_depthwise(dict(batch=2, channels=3, mult=2, kernel=kernel, stride=(1,) * len(size),

@@ -635,7 +635,9 @@ class CPUEngine:
         computed at the padded pitch and copied out (measured: per-row calls lose up to
         2x on short rows, the flat pass adds a copy that costs ~20% on one long row)."""
         mult = max(g.y_channels, g.x_channels) // g.groups
-        if plane[3] * plane[4] == 1:          # one padded row per plane: read x in place (1-D)
+        # one padded row per plane, and one row in src: read it in place (1-D).  (A source
+        # of several rows can still pad to one: the rows past it only meet padding.)
+        if plane[3] * plane[4] == 1 and math.prod(src.shape[2:-1]) == 1:
             dw.slide_row(src.reshape(src.shape[:2] + (-1,)), wk, offsets, out.reshape(out.shape[:2] + (-1,)),
                          plane[2], mult, gather)
             return
