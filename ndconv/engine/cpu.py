@@ -555,7 +555,11 @@ class CPUEngine:
         items, _ = cd.segments(g, cd.SEGMENT)
         seg = min(g.y_size[-1], cd.SEGMENT)
         pitch = max(cd.round_up(seg, r) for r in tile_rows)        # a segment's rows in the job's tile
-        per_job = max(1, min(cd.BLOCK // pitch, -(-len(items) // (2 * _threads()))))
+        # jobs: runs of segments whose rows of xl fit BLOCK_BYTES, times groups and column
+        # blocks; at least 8 per thread where there are enough segments
+        blocks = -(-ygp // (nv * cd.lanes(dt))) * ng
+        per_job = max(1, cd.BLOCK_BYTES // (pitch * cg * dt.itemsize))
+        per_job = max(1, min(per_job, len(items) * blocks // (8 * _threads())))
         # the last tile of a segment reads up to 15 positions past its end
         xl = self._direct_pack(x, g.x_channels, g.x_size, g.pad_lo, need,
                                g.batch * math.prod(need) + 16 * g.stride[-1], np.arange(g.x_channels), dt)
@@ -565,8 +569,8 @@ class CPUEngine:
         self._note(xl, wl)
         if not y.flags.c_contiguous:
             raise ValueError("direct: the output buffer must be C-contiguous")
-        kc = cd.chunk(cg, max(8, cd.WEIGHT_BYTES // (g.taps * nv * cd.VECTOR_BYTES)))
-        cd.forward(xl, wl, offsets, ng, cg, nv, kc, items, g.stride[-1], pitch, per_job, cols,
+        kc = cd.forward_chunk(cg, g.taps, nv)
+        cd.forward(xl, wl, offsets, ng, cg, yg, nv, kc, items, g.stride[-1], pitch, per_job,
                    math.prod(g.y_size), y.reshape(-1))
         return y
 

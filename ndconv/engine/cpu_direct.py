@@ -54,9 +54,10 @@ AVAILABLE = numba is not None
 MR_FOR = (0, 16, 12, 8, 6)        # rows per tile for nv = 1..4 vectors of columns (measured)
 SHORT = 2                          # a forward tile may take up to this many rows fewer (no tail waste)
 PARTS = 4                          # fixed position ranges of the weight gradient
-BLOCK = 384                        # output positions per forward job at most (measured 96-1536)
+BLOCK_BYTES = 128 << 10            # rows of xl one forward job covers at most (measured 32-512 KiB)
 SEGMENT = 384                      # outputs of a row per segment at most
-WEIGHT_BYTES = 128 << 10           # weights one forward pass over a job's tiles reads (measured 48-448 KiB, 64-byte aligned)
+WEIGHT_BYTES = 256 << 10           # weights one forward pass over a job's tiles reads (measured 48-448 KiB)
+TAP_BYTES = 16 << 10               # weight rows of one tap in a chunk: L1 keeps the tile's x rows across taps
 GRADIENT_BYTES = 256 << 10         # rows of x and gy one weight-gradient tile call walks (measured)
 
 
@@ -175,57 +176,64 @@ if AVAILABLE:
                         row[j] = x[s + m] if m >= 0 else 0
 
     @njit(parallel=True, fastmath=True, cache=True)
-    def forward(xl, wl, offsets, groups, cg, nv, kc, items, s_last, pitch, per_job, cols, y_stride, y):
-        """y = the convolution over segments of output rows, ``per_job`` segments per job.
+    def forward(xl, wl, offsets, groups, cg, yg, nv, kc, items, s_last, pitch, per_job, y_stride, y):
+        """y = the convolution over segments of output rows.
 
         Segment i = items[i] = (grid position of its first output, offset of its channel 0
         in y, length n <= pitch): output p of it reads xl rows ``items[i, 0] + p*s_last +
-        offsets[t]``.  Each job computes ``tile[p, j*ygp + col] = sum over taps t, channels
-        k of xl[.., j*cg + k] * wl[j, t, k, col]`` for its segments (``pitch`` rows each,
-        the tail of a segment computed and dropped) in chunks of ``kc`` channels, then
-        copies channel c from column ``cols[c]`` to ``y[offset + c*y_stride:][:n]``.
+        offsets[t]``.  A job is ``per_job`` segments times one group j times one block of
+        columns (vectors) n0: it computes ``tile[p, col] = sum over taps t, channels k of
+        xl[.., j*cg + k] * wl[j, t, k, n0 + col]`` for its segments (``pitch`` rows each) in
+        chunks of ``kc`` channels, then copies channel j*yg + n0 + col out to
+        ``y[offset + c*y_stride:][:n]``.  The jobs of one run of segments follow each other,
+        so a thread reads that run's rows of xl from its cache once per column block.
         """
         taps, ygp = wl.shape[1], wl.shape[3]
-        ldy, ldx = groups * ygp, xl.shape[1]
+        ldx = xl.shape[1]
+        lanes = VECTOR_BYTES // xl.itemsize
         xf, wf = xl.reshape(-1), wl.reshape(-1)
         toff_a = offsets * ldx
         toff_b = np.arange(taps) * (cg * ygp)
-        width = nv * (VECTOR_BYTES // xl.itemsize)
+        width = nv * lanes
+        blocks = (ygp + width - 1) // width
         count = items.shape[0]
-        for job in prange((count + per_job - 1) // per_job):
-            i0, i1 = job * per_job, min(count, job * per_job + per_job)
-            size = (i1 - i0) * pitch * ldy
-            buf = np.empty(size + VECTOR_BYTES // xl.itemsize, xl.dtype)
+        runs = (count + per_job - 1) // per_job
+        for job in prange(runs * groups * blocks):
+            run, rest = job // (groups * blocks), job % (groups * blocks)
+            j, n0 = rest // blocks, (rest % blocks) * width
+            i0, i1 = run * per_job, min(count, run * per_job + per_job)
+            v, mr = _columns(nv, ygp, n0, width)
+            ldt = v * lanes
+            size = (i1 - i0) * pitch * ldt
+            buf = np.empty(size + lanes, xl.dtype)
             skip = ((-buf.ctypes.data) % VECTOR_BYTES) // xl.itemsize      # 64-byte aligned rows
             tile = buf[skip:skip + size]
-            for j in range(groups):
-                for n0 in range(0, ygp, width):
-                    v, mr = _columns(nv, ygp, n0, width)
-                    for k0 in range(0, cg, kc):
-                        for i in range(i0, i1):
-                            start, n = items[i, 0], items[i, 2]
-                            # t tiles of base or base + 1 rows when that many fit the shapes, else
-                            # tiles of mr rows, the last one computing rows past n (dropped)
-                            t = (n + mr - 1) // mr
-                            base = n // t
-                            if base < mr - SHORT:
-                                base = mr
-                            extra = max(0, n - base * t)
-                            p = 0
-                            for q in range(t):
-                                r = base + 1 if q < extra else base
-                                _tile(v, r, tile, ((i - i0) * pitch + p) * ldy + j * ygp + n0, ldy,
-                                      xf, (start + p * s_last) * ldx + j * cg + k0, s_last * ldx, 1,
-                                      wf, (j * taps * cg + k0) * ygp + n0, ygp, min(kc, cg - k0),
-                                      toff_a, toff_b, k0)
-                                p += r
+            for k0 in range(0, cg, kc):
+                for i in range(i0, i1):
+                    start, n = items[i, 0], items[i, 2]
+                    # t tiles of base or base + 1 rows when that many fit the shapes, else
+                    # tiles of mr rows, the last one computing rows past n (dropped)
+                    t = (n + mr - 1) // mr
+                    base = n // t
+                    if base < mr - SHORT:
+                        base = mr
+                    extra = max(0, n - base * t)
+                    p = 0
+                    for q in range(t):
+                        r = base + 1 if q < extra else base
+                        _tile(v, r, tile, ((i - i0) * pitch + p) * ldt, ldt,
+                              xf, (start + p * s_last) * ldx + j * cg + k0, s_last * ldx, 1,
+                              wf, (j * taps * cg + k0) * ygp + n0, ygp, min(kc, cg - k0),
+                              toff_a, toff_b, k0)
+                        p += r
             for i in range(i0, i1):
                 d, n = items[i, 1], items[i, 2]
-                for c in range(cols.shape[0]):
-                    k = (i - i0) * pitch * ldy + cols[c]
-                    out = y[d + c * y_stride:d + c * y_stride + n]
+                for col in range(min(ldt, yg - n0)):
+                    k = (i - i0) * pitch * ldt + col
+                    at = d + (j * yg + n0 + col) * y_stride
+                    out = y[at:at + n]
                     for q in range(n):
-                        out[q] = tile[k + q * ldy]
+                        out[q] = tile[k + q * ldt]
 
     @njit(parallel=True, fastmath=True, cache=True)
     def weight_grad(xl, gyl, offsets, gw, groups, cg, nv, items, s_last, chunk):
@@ -277,6 +285,13 @@ def aligned_empty(shape, dtype, zero=False):
     buf = (np.zeros if zero else np.empty)(nbytes + VECTOR_BYTES, np.uint8)
     skip = -buf.ctypes.data % VECTOR_BYTES
     return buf[skip:skip + nbytes].view(dtype).reshape(shape)
+
+
+def forward_chunk(cg, taps, nv):
+    """Input channels per forward pass: the weights of a chunk fit WEIGHT_BYTES and one tap's
+    rows of them TAP_BYTES (measured: 64-byte rows, 64 channels of 4 taps 1.5x faster than 128)."""
+    row = nv * VECTOR_BYTES
+    return chunk(cg, max(8, min(TAP_BYTES // row, WEIGHT_BYTES // (taps * row))))
 
 
 def chunk(total, most):
