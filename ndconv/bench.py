@@ -44,6 +44,7 @@ DEFAULT_WARMUP = {"cpu": 1, "gpu": 3}
 #: seconds of pause, then an untimed call, before each timed call (see time_pair): on the
 #: CPU both libraries' worker threads spin after a call and would slow the other's next one
 DEFAULT_SETTLE = {"cpu": 0.25, "gpu": 0.0}
+DEFAULT_WARMUP_TIME = {"cpu": 0.0, "gpu": 0.2}
 # Relative max error (max |a - b| / max |b|) allowed between the two libraries.
 # float32 sums of up to ~10^4 products stay well inside 1e-3 (TF32 is off on the
 # GPU); float16 keeps ~3 decimal digits, and the two libraries may round partial
@@ -245,10 +246,12 @@ class PairTiming:
 
 
 def time_pair(fn_a, fn_b, repeat, warmup=1, sync=None, clock=time.perf_counter, settle=0.0,
-              sleep=time.sleep):
+              sleep=time.sleep, warmup_s=0.0):
     """Time ``fn_a`` and ``fn_b`` alternately (A B A B ...), ``repeat`` times each.
 
-    ``warmup`` untimed rounds of both come first.  ``sync`` (e.g. a device
+    ``warmup`` untimed rounds of both come first, continued until ``warmup_s``
+    seconds have passed (a GPU's clocks and caches reach their steady state after the
+    previous case's calls: the first calls of a row measured up to 40% slower).  ``sync`` (e.g. a device
     synchronisation) runs before the clock starts and before it stops, so queued
     asynchronous work is neither charged to the next call nor left out.  With
     ``settle`` > 0 (seconds), every timed call comes after a pause of that length
@@ -263,10 +266,16 @@ def time_pair(fn_a, fn_b, repeat, warmup=1, sync=None, clock=time.perf_counter, 
         raise ValueError(f"warmup must be a non-negative integer, got warmup={warmup!r}")
     if isinstance(settle, bool) or not isinstance(settle, (int, float)) or not 0 <= settle < 60:
         raise ValueError(f"settle must be a number of seconds in [0, 60), got settle={settle!r}")
+    if isinstance(warmup_s, bool) or not isinstance(warmup_s, (int, float)) or not 0 <= warmup_s < 60:
+        raise ValueError(f"warmup_s must be a number of seconds in [0, 60), got warmup_s={warmup_s!r}")
     sync = sync or (lambda: None)
-    for _ in range(warmup):
+    start = clock()
+    rounds = 0
+    while rounds < warmup or (warmup_s and clock() - start < warmup_s):
         fn_a()
         fn_b()
+        sync()
+        rounds += 1
     times_a, times_b = [], []
 
     def once(fn, out):
@@ -589,7 +598,7 @@ def torch_calls(case, x, w, gy):
     return {"fwd": fwd, "bwd_data": bwd_data, "bwd_weight": bwd_weight}
 
 
-def run_case(case, backend, repeat, warmup, ops=OPS, settle=0.0):
+def run_case(case, backend, repeat, warmup, ops=OPS, settle=0.0, warmup_s=0.0):
     """Check and time one case; returns one record per operation.
 
     Each timed record carries ``_ceiling`` ("compute" or "memory") and ``_work``
@@ -640,12 +649,15 @@ def run_case(case, backend, repeat, warmup, ops=OPS, settle=0.0):
                 _failed(rec, "mismatch", f"ndconv and PyTorch disagree: relative max error {err:.3g} "
                                          f"> tolerance {TOLERANCE[dtype]:g}")
                 continue
-            timing = time_pair(nd_fns[op], th_fns[op], repeat, warmup, backend.sync, settle=settle)
+            timing = time_pair(nd_fns[op], th_fns[op], repeat, warmup, backend.sync, settle=settle,
+                               warmup_s=warmup_s)
         except Exception as e:
             _failed(rec, "error", f"{type(e).__name__}: {e}")
             continue
         nd_s, th_s = timing.median_a, timing.median_b
         rec.update(ndconv_ms=nd_s * 1e3, torch_ms=th_s * 1e3, ratio=nd_s / th_s,
+                   ndconv_samples_ms=[round(t * 1e3, 4) for t in timing.times_a],
+                   torch_samples_ms=[round(t * 1e3, 4) for t in timing.times_b],
                    gflops=flops / nd_s / 1e9, torch_gflops=flops / th_s / 1e9,
                    status="ok", error=None, _ceiling=ceiling, _work=work)
     return records
@@ -799,6 +811,9 @@ def add_arguments(parser):
                              "library, so the other library's spinning worker threads are idle and "
                              f"this one's awake (default: {DEFAULT_SETTLE['cpu']} on cpu, "
                              f"{DEFAULT_SETTLE['gpu']} on gpu)")
+    parser.add_argument("--warmup-time", type=seconds_below(60), default=None, metavar="SECONDS",
+                        help="keep the untimed rounds going for at least this long "
+                             f"(default: {DEFAULT_WARMUP_TIME['cpu']:g} on cpu, {DEFAULT_WARMUP_TIME['gpu']:g} on gpu)")
     parser.add_argument("--dtype", choices=DTYPES, default="float32",
                         help="arrays of both libraries (default: float32)")
     parser.add_argument("--json", metavar="PATH", default=None,
@@ -843,24 +858,25 @@ def run(args):
     repeat = args.repeat or DEFAULT_REPEAT[device]
     warmup = DEFAULT_WARMUP[device] if args.warmup is None else args.warmup
     settle = DEFAULT_SETTLE[device] if args.settle is None else args.settle
+    warmup_s = DEFAULT_WARMUP_TIME[device] if args.warmup_time is None else args.warmup_time
     threads = (args.threads or os.cpu_count()) if device == "cpu" else None
     with cpu_threads(threads) if threads else contextlib.nullcontext():
-        return _bench(args, cases, repeat, warmup, threads, settle)
+        return _bench(args, cases, repeat, warmup, threads, settle, warmup_s)
 
 
-def _bench(args, cases, repeat, warmup, threads, settle=0.0):
+def _bench(args, cases, repeat, warmup, threads, settle=0.0, warmup_s=0.0):
     backend = Backend(args.device, args.dtype, threads, autotune=not args.no_autotune)
     try:
-        return _bench_with(backend, args, cases, repeat, warmup, threads, settle)
+        return _bench_with(backend, args, cases, repeat, warmup, threads, settle, warmup_s)
     finally:
         backend.close()
 
 
-def _bench_with(backend, args, cases, repeat, warmup, threads, settle=0.0):
+def _bench_with(backend, args, cases, repeat, warmup, threads, settle=0.0, warmup_s=0.0):
     device = args.device
     versions = _versions(backend)
     print(f"ndconv bench: {device} ({backend.describe()}), {args.dtype}, {len(cases)} cases, "
-          f"repeat {repeat}, warm-up {warmup}, settle {settle:g} s", file=sys.stderr)
+          f"repeat {repeat}, warm-up {warmup} (at least {warmup_s:g} s), settle {settle:g} s", file=sys.stderr)
     load_before = _load()
     busy = _busy_warning(device, load_before)
     if busy:
@@ -876,7 +892,7 @@ def _bench_with(backend, args, cases, repeat, warmup, threads, settle=0.0):
     for case in cases:
         if bar is not None:
             bar.set_postfix_str(case.name)
-        for rec in run_case(case, backend, repeat, warmup, settle=settle):
+        for rec in run_case(case, backend, repeat, warmup, settle=settle, warmup_s=warmup_s):
             rec.update(versions)
             records.append(rec)
             if rec["status"] != "ok":
@@ -894,7 +910,8 @@ def _bench_with(backend, args, cases, repeat, warmup, threads, settle=0.0):
     ceiling_text = ", ".join(str(c) for c in ceilings.values() if c is not None)
 
     print(f"# ndconv bench --device {device} --dtype {args.dtype} --repeat {repeat}"
-          + (f" --threads {threads}" if threads else "") + f" --settle {settle:g}")
+          + (f" --threads {threads}" if threads else "") + f" --settle {settle:g}"
+          + (f" --warmup-time {warmup_s:g}" if warmup_s else ""))
     print(f"# machine: {backend.describe()}")
     if busy:
         print(f"# {busy}")

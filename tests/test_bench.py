@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import subprocess
+import statistics
 import sys
 import time
 
@@ -81,13 +82,33 @@ def test_time_pair_interleaves_and_takes_medians():
         calls.append("s")
 
     t = bench.time_pair(fn_a, fn_b, repeat=5, warmup=2, sync=sync, clock=clock)
-    # warm-ups untimed, then A and B strictly alternate, each wrapped in two syncs
-    assert calls[:4] == ["A", "B", "A", "B"]
-    assert calls[4:] == ["s", "A", "s", "s", "B", "s"] * 5
+    # warm-up rounds untimed (each ends with a sync), then A and B strictly alternate,
+    # each wrapped in two syncs
+    assert calls[:6] == ["A", "B", "s", "A", "B", "s"]
+    assert calls[6:] == ["s", "A", "s", "s", "B", "s"] * 5
     assert t.times_a == [3.0, 5.0, 4.0, 50.0, 4.0]
     assert t.times_b == [1.0, 2.0, 9.0, 2.0, 2.0]
     assert t.median_a == 4.0          # the 50.0 outlier does not move the median
     assert t.median_b == 2.0
+
+
+def test_time_pair_warms_up_for_at_least_warmup_s():
+    # rounds of A + B cost 5 s of the fake clock: 12 s of warm-up takes 3 rounds (the
+    # count asked for is only 1), and the timed calls come after them
+    clock = FakeClock()
+    calls = []
+
+    def fn(name, cost):
+        def call():
+            calls.append(name)
+            clock.now += cost
+        return call
+
+    t = bench.time_pair(fn("A", 3.0), fn("B", 2.0), repeat=2, warmup=1, clock=clock, warmup_s=12.0)
+    assert calls == ["A", "B"] * 3 + ["A", "B"] * 2
+    assert t.times_a == [3.0, 3.0] and t.times_b == [2.0, 2.0]
+    with pytest.raises(ValueError, match="warmup_s"):
+        bench.time_pair(fn("A", 1.0), fn("B", 1.0), repeat=1, warmup_s=-1.0)
 
 
 def test_time_pair_settles_and_primes_before_each_timed_call():
@@ -279,6 +300,10 @@ def test_end_to_end_json_plot_and_table(tiny_suite, tmp_path, capsys, fast_ceili
         assert r["status"] == "ok" and r["error"] is None
         assert r["ndconv_ms"] > 0 and r["torch_ms"] > 0
         assert r["ratio"] == pytest.approx(r["ndconv_ms"] / r["torch_ms"])
+        for lib in ("ndconv", "torch"):            # every timed call; the median is the figure
+            samples = r[f"{lib}_samples_ms"]
+            assert len(samples) == r["repeat"] and min(samples) > 0
+            assert statistics.median(samples) == pytest.approx(r[f"{lib}_ms"], rel=1e-3, abs=1e-3)
         assert r["gflops"] == pytest.approx(r["flops"] / (r["ndconv_ms"] * 1e-3) / 1e9)
         assert isinstance(r["peak_temp_bytes"], int) and r["peak_temp_bytes"] >= 0
         assert r["rel_err"] <= bench.TOLERANCE["float32"]
