@@ -24,9 +24,10 @@ from ndconv.engine.gpu import ALGORITHMS, GPUEngine  # noqa: E402
 from ndconv.engine.registry import OPS  # noqa: E402
 from ndconv.geometry import ConvGeometry, conv_geometry, conv_transpose_geometry  # noqa: E402
 
-# plane compiles one module per geometry: random sweeps over every algorithm would spend
-# minutes compiling; tests/test_gpu_plane.py covers it.
-ALGOS = tuple(name for name in ALGORITHMS.names() if name != "plane")
+# plane and depthwise_rows compile one module per geometry: random sweeps over every
+# algorithm would spend minutes compiling; tests/test_gpu_plane.py and test_gpu_rows.py
+# cover them.
+ALGOS = tuple(name for name in ALGORITHMS.names() if name not in ("plane", "depthwise_rows"))
 DTYPES = ("float64", "float32", "float16")
 # what the GEMM algorithms are called in float32 where TF32 tensor cores exist
 IM2COL32, FLAT32 = ("im2col_tf32x3", "flat_tf32x3") if gpu_blas.has_tf32() else ("im2col_gemm", "flat_gemm")

@@ -5,6 +5,11 @@ calls nobody tuned; ``cudnn`` is one more candidate where installed).
 ``phases`` and ``space_to_batch`` rewrite a call and hand the rewritten call back to
 the engine, which picks (or tunes) the algorithm for it like for any other call.
 
+``depthwise_rows``
+    Stride-1 depthwise forward and input gradient with no shared memory
+    (:mod:`ndconv.engine.gpu_depthwise`): each thread keeps a few rows of outputs in
+    registers and reads every input row they need once, as float4 blocks where the
+    rows allow; the untuned choice in 2-D and 3-D.
 ``depthwise_tiled``
     Tiled kernels for ``Cx/G == 1`` (see :mod:`ndconv.engine.gpu_depthwise`): input
     tiles with halos in shared memory, loops over taps unrolled per compiled
@@ -57,7 +62,7 @@ from . import autotune, gpu_blas, gpu_kernels, phases
 from .cudnn import Cudnn
 from .cudnn_graph import CudnnGraph
 from .cudnn import version as cudnn_version
-from .gpu_depthwise import DepthwiseTiled
+from .gpu_depthwise import DepthwiseRows, DepthwiseTiled
 from .gpu_plane import Plane
 from .gpu_flat import FlatGemm
 from .gpu_implicit import ImplicitGemm
@@ -545,6 +550,7 @@ ALGORITHMS.register(phases.Phases())
 ALGORITHMS.register(phases.SpaceToBatch())
 ALGORITHMS.register(FlatGemm("tf32x3"))
 ALGORITHMS.register(FlatGemm())
+ALGORITHMS.register(DepthwiseRows())
 ALGORITHMS.register(Plane())
 ALGORITHMS.register(DepthwiseTiled())
 ALGORITHMS.register(DepthwiseDirect())
