@@ -143,3 +143,34 @@ def test_direct_is_a_candidate_for_float32_and_float64_only():
     g = geometry((1, 4, 5, 5), (4, 4, 3, 3), padding=1)
     assert e.supports("direct", "forward", g, 4) and e.supports("direct", "forward", g, 8)
     assert not e.supports("direct", "forward", g, 2)
+
+
+@pytest.mark.parametrize("size,kernel,stride,padding,dilation,c_in,c_out,groups", [
+    ((9, 8), (3, 3), (2, 2), 1, 1, 16, 24, 1),                 # 3x3 s2: phases of 4, 2, 2, 1 taps
+    ((7,), (1,), (3,), 0, 1, 4, 5, 1),                         # kernel < stride: phases no tap reaches
+    ((6, 5, 7), (4, 2, 3), (2, 3, 1), (1, 0, 2), (1, 2, 1), 6, 8, 2),
+    ((11,), (4,), (2,), 1, 2, 17, 33, 1),                      # dilation, column tail blocks
+    ((10, 10), (2, 2), (2, 2), 0, 1, 32, 64, 1),               # k = s: one tap per phase
+    ((8, 9), (4, 4), (2, 2), ((1, 2), (2, 1)), 1, 8, 70, 1),   # asymmetric padding, 70 channels
+])
+def test_direct_strided_input_gradient_runs_per_phase(size, kernel, stride, padding, dilation, c_in, c_out, groups):
+    """The strided input gradient (a transposed convolution): one forward per phase of x."""
+    g = geometry((2, c_in) + size, (c_out, c_in // groups) + kernel, stride=stride, padding=padding,
+                 dilation=dilation, groups=groups)
+    e = CPUEngine()
+    assert e.supports("direct", "backward_input", g, 4)
+    args = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
+    assert check_against_reference(e, g, args, size) == 3
+
+
+def test_transposed_phases_cover_every_x_position_once():
+    g = geometry((2, 3, 9, 10), (4, 3, 3, 4), stride=(2, 3), padding=(1, 2), dilation=(2, 1))
+    need, lo, parts = cd.transposed_phases(g)
+    seen = np.zeros(g.x_shape, int)
+    for items, taps, offsets in parts:
+        assert len(taps) == len(offsets)
+        for _, x_off, n in items:
+            idx = np.unravel_index(x_off + np.arange(n) * g.stride[-1], g.x_shape)
+            assert (idx[1] == 0).all()
+            seen[idx] += 1
+    assert (seen[:, 0] == 1).all() and (seen[:, 1:] == 0).all()

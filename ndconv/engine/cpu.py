@@ -25,7 +25,8 @@ Algorithms (``CPUEngine.algorithms``):
   channels-last copy of the padded input: each tile keeps up to 6 outputs x 64
   channels in vector registers for the whole sum over taps and input channels.
   Strides natively in the forward and weight gradient; the input gradient is the
-  flipped forward (through phases when strided).  The untuned choice for kernels
+  flipped forward, or when strided one forward per phase of x over that phase's taps
+  (written into x with step s: no phase shuffles, no missing-tap waste).  The untuned choice for kernels
   larger than 1x1 with at least 16 channels per group.
 * ``depthwise`` - compiled loops (numba) when each group reads one channel; stride 1
   (forward, input gradient) through a register-blocked sliding kernel.
@@ -108,7 +109,7 @@ class CPUEngine:
         if algorithm == "direct":
             if not (cd.AVAILABLE and itemsize in (4, 8)):
                 return False
-            if op != "backward_input":              # any stride; the input gradient goes on below
+            if op != "backward_input" or not phases.unit_stride(g):   # any stride, per phase
                 return one
         if algorithm == "taps" and not (cpu_blas.AVAILABLE and g.x_channels // g.groups >= TAPS_MIN_CHANNELS
                                         and g.y_channels // g.groups >= TAPS_MIN_CHANNELS):
@@ -249,6 +250,9 @@ class CPUEngine:
             self._backward_input_depthwise(gy, w, g, dt, gx)
         elif algorithm == "grouped":
             self._backward_input_grouped(gy, w, g, dt, gx)
+        elif algorithm == "direct" and not phases.unit_stride(g):
+            for n0, n1 in self._batches(g, dt):
+                self._backward_input_direct(gy[n0:n1], w, g.with_batch(n1 - n0), dt, gx[n0:n1])
         elif algorithm in FLAT_FAMILY and phases.unit_stride(g):
             # The input gradient is a forward convolution of gy with the flipped,
             # group-transposed kernel and the complementary padding.
@@ -535,17 +539,28 @@ class CPUEngine:
         return out
 
     @staticmethod
-    def _direct_columns(g, dt):
+    def _direct_columns(g, dt, per_group=None):
         """Output channels padded per group to whole vectors: (Cy/G padded, column of each
-        channel, vectors per tile, the tile rows of every column block)."""
-        yg = g.y_channels // g.groups
+        channel, vectors per tile, the tile rows of every column block).  ``per_group``:
+        another count of output channels per group (the input gradient's Cx/G)."""
+        yg = g.y_channels // g.groups if per_group is None else per_group
         lanes = cd.lanes(dt)
         ygp = cd.round_up(yg, lanes)
-        c = np.arange(g.y_channels)
+        c = np.arange(yg * g.groups)
         nv = cd.vectors(ygp, dt)
         tail = (ygp % (nv * lanes)) // lanes
         rows = {cd.MR_FOR[nv]} | ({cd.MR_FOR[tail]} if tail else set())
         return ygp, (c // yg) * ygp + c % yg, nv, rows
+
+    @staticmethod
+    def _direct_plan(items, seg, cg, groups, ygp, nv, tile_rows, dt):
+        """(rows of a segment in a job's tile, segments per job) of cpu_direct.forward."""
+        pitch = max(cd.round_up(seg, r) for r in tile_rows)
+        # jobs: runs of segments whose rows of xl fit BLOCK_BYTES, times groups and column
+        # blocks; at least 8 per thread where there are enough segments
+        blocks = -(-ygp // (nv * cd.lanes(dt))) * groups
+        per_job = max(1, cd.BLOCK_BYTES // (pitch * cg * dt.itemsize))
+        return pitch, max(1, min(per_job, len(items) * blocks // (8 * _threads())))
 
     def _forward_direct(self, x, w, g, dt, y):
         """y = conv(x, w), any stride: cpu_direct's register tiles over channels-last rows."""
@@ -553,13 +568,7 @@ class CPUEngine:
         cg, yg, ng = g.x_channels // g.groups, g.y_channels // g.groups, g.groups
         ygp, cols, nv, tile_rows = self._direct_columns(g, dt)
         items, _ = cd.segments(g, cd.SEGMENT)
-        seg = min(g.y_size[-1], cd.SEGMENT)
-        pitch = max(cd.round_up(seg, r) for r in tile_rows)        # a segment's rows in the job's tile
-        # jobs: runs of segments whose rows of xl fit BLOCK_BYTES, times groups and column
-        # blocks; at least 8 per thread where there are enough segments
-        blocks = -(-ygp // (nv * cd.lanes(dt))) * ng
-        per_job = max(1, cd.BLOCK_BYTES // (pitch * cg * dt.itemsize))
-        per_job = max(1, min(per_job, len(items) * blocks // (8 * _threads())))
+        pitch, per_job = self._direct_plan(items, min(g.y_size[-1], cd.SEGMENT), cg, ng, ygp, nv, tile_rows, dt)
         # the last tile of a segment reads up to 15 positions past its end
         xl = self._direct_pack(x, g.x_channels, g.x_size, g.pad_lo, need,
                                g.batch * math.prod(need) + 16 * g.stride[-1], np.arange(g.x_channels), dt)
@@ -571,8 +580,35 @@ class CPUEngine:
             raise ValueError("direct: the output buffer must be C-contiguous")
         kc = cd.forward_chunk(cg, g.taps, nv)
         cd.forward(xl, wl, offsets, ng, cg, yg, nv, kc, items, g.stride[-1], pitch, per_job,
-                   math.prod(g.y_size), y.reshape(-1))
+                   math.prod(g.y_size), 1, y.reshape(-1))
         return y
+
+    def _backward_input_direct(self, gy, w, g, dt, gx):
+        """gx = the transposed convolution of gy for a strided g, one direct forward per phase
+        of gx: x index i = m*s + r - lo gets the taps k with k*d = q*s + r, which read gy at
+        m - q; the phase's outputs go to gx with step s.  No phase shuffles, no waste."""
+        cg, yg, ng = g.x_channels // g.groups, g.y_channels // g.groups, g.groups
+        need, lo, parts = cd.transposed_phases(g)
+        ygp, _, nv, tile_rows = self._direct_columns(g, dt, per_group=cg)
+        grid = math.prod(need)
+        xl = self._direct_pack(gy, g.y_channels, g.y_size, lo, need, g.batch * grid + 16,
+                               np.arange(g.y_channels), dt)
+        wk = np.asarray(w, dtype=dt).reshape(ng, yg, cg, g.taps)
+        if any(taps.size == 0 for _, taps, _ in parts):
+            gx[...] = 0                                 # phases that no tap reaches
+        for items, taps, offsets in parts:
+            if taps.size == 0 or items.shape[0] == 0:
+                continue
+            # (G, Cy/G, Cx/G, K) -> (G, T, Cy/G, Cx/G padded) for this phase's taps
+            wl = cd.aligned_empty((ng, taps.size, yg, ygp), dt, zero=True)
+            wl[..., :cg] = wk[..., taps].transpose(0, 3, 1, 2)
+            self._note(xl, wl)
+            seg = int(items[:, 2].max())
+            pitch, per_job = self._direct_plan(items, seg, yg, ng, ygp, nv, tile_rows, dt)
+            kc = cd.forward_chunk(yg, taps.size, nv)
+            cd.forward(xl, wl, offsets, ng, yg, cg, nv, kc, items, 1, pitch, per_job,
+                       math.prod(g.x_size), g.stride[-1], gx.reshape(-1))
+        return gx
 
     def _backward_weight_direct(self, x, gy, g, dt):
         """gw_t = sum over output positions of x at the tap's window position times gy."""

@@ -27,13 +27,16 @@ does the same:
   dense channels-last copy of gy).  The segments are cut into ``PARTS`` fixed
   ranges (not one per thread) summed in order afterwards, so results do not depend
   on the number of threads.
-* The input gradient is the forward of the flipped kernel (the engine arranges it).
+* The input gradient is the forward of the flipped kernel (the engine arranges it);
+  when strided, one forward per phase of x (``transposed_phases``) with that phase's
+  taps at negative offsets on gy's grid, written into x with a step (``y_step``).
 
 Copies in (``pack``) go through per-position offset maps, so one loop serves 1-D,
 2-D and 3-D, padding and groups; the forward copies each job's tile out to y while
 it is still in cache.
 """
 import functools
+import itertools
 import math
 
 import numpy as np
@@ -176,7 +179,7 @@ if AVAILABLE:
                         row[j] = x[s + m] if m >= 0 else 0
 
     @njit(parallel=True, fastmath=True, cache=True)
-    def forward(xl, wl, offsets, groups, cg, yg, nv, kc, items, s_last, pitch, per_job, y_stride, y):
+    def forward(xl, wl, offsets, groups, cg, yg, nv, kc, items, s_last, pitch, per_job, y_stride, y_step, y):
         """y = the convolution over segments of output rows.
 
         Segment i = items[i] = (grid position of its first output, offset of its channel 0
@@ -184,8 +187,9 @@ if AVAILABLE:
         offsets[t]``.  A job is ``per_job`` segments times one group j times one block of
         columns (vectors) n0: it computes ``tile[p, col] = sum over taps t, channels k of
         xl[.., j*cg + k] * wl[j, t, k, n0 + col]`` for its segments (``pitch`` rows each) in
-        chunks of ``kc`` channels, then copies channel j*yg + n0 + col out to
-        ``y[offset + c*y_stride:][:n]``.  The jobs of one run of segments follow each other,
+        chunks of ``kc`` channels, then copies channel c = j*yg + n0 + col out to
+        ``y[offset + c*y_stride + q*y_step]`` for q < n (y_step > 1: one phase of a strided
+        transposed convolution).  The jobs of one run of segments follow each other,
         so a thread reads that run's rows of xl from its cache once per column block.
         """
         taps, ygp = wl.shape[1], wl.shape[3]
@@ -231,9 +235,8 @@ if AVAILABLE:
                 for col in range(min(ldt, yg - n0)):
                     k = (i - i0) * pitch * ldt + col
                     at = d + (j * yg + n0 + col) * y_stride
-                    out = y[at:at + n]
                     for q in range(n):
-                        out[q] = tile[k + q * ldt]
+                        y[at + q * y_step] = tile[k + q * ldt]
 
     @njit(parallel=True, fastmath=True, cache=True)
     def weight_grad(xl, gyl, offsets, gw, groups, cg, nv, items, s_last, chunk):
@@ -346,3 +349,59 @@ def segments(g, length):
     bwd = np.stack([first, rows, counts], axis=1).astype(np.int64)
     fwd.flags.writeable = bwd.flags.writeable = False
     return fwd, bwd
+
+
+@functools.lru_cache(maxsize=64)
+def transposed_phases(g, length=SEGMENT):
+    """The input gradient of a strided g as one stride-1 forward per phase of x.
+
+    x index i = m*s + r - lo (per dim) is the sum over the taps k with k*d = q*s + r of
+    gy[m - q] w[k].  gy goes channels last onto a padded grid ``need`` (gy element o at
+    grid position o + ``lo``).  Returns (need, lo, parts), one part per phase with outputs:
+    (items (S, 3) of (grid position of output m's gy element, offset of its channel 0 in x,
+    n outputs of one x row, consecutive m), flat indices of the phase's taps in w (none:
+    that phase of x is zero), their offsets on the grid (-q flattened)).
+    """
+    per_dim = []
+    for size, s, d, k, lo in zip(g.x_size, g.stride, g.dilation, g.kernel, g.pad_lo):
+        per = []
+        for r in range(s):
+            m0, m1 = -((r - lo) // s), (size - 1 + lo - r) // s
+            ks = [t for t in range(k) if t * d % s == r]
+            per.append((m0, max(0, m1 - m0 + 1), ks, [t * d // s for t in ks]))
+        per_dim.append(per)
+    lo_g, need = [], []
+    for size, per in zip(g.y_size, per_dim):
+        used = [(m0, n, qs) for m0, n, ks, qs in per if n and ks]
+        low = min([m0 - max(qs) for m0, n, qs in used], default=0)
+        high = max([m0 + n - 1 - min(qs) for m0, n, qs in used], default=0)
+        lo_g.append(max(0, -low))
+        need.append(max(lo_g[-1] + size, lo_g[-1] + high + 1))
+    pitch = [math.prod(need[i + 1:]) for i in range(g.nd)]
+    x_pitch = [math.prod(g.x_size[i + 1:]) for i in range(g.nd)]
+    parts = []
+    for rho in itertools.product(*(range(s) for s in g.stride)):
+        sel = [per_dim[i][r] for i, r in enumerate(rho)]
+        if any(n == 0 for _, n, _, _ in sel):
+            continue
+        taps, offsets = [], []
+        for combo in itertools.product(*(range(len(ks)) for _, _, ks, _ in sel)):
+            taps.append(int(np.ravel_multi_index(tuple(sel[i][2][c] for i, c in enumerate(combo)), g.kernel)))
+            offsets.append(-sum(sel[i][3][c] * pitch[i] for i, c in enumerate(combo)))
+        start = np.arange(g.batch, dtype=np.int64) * math.prod(need)
+        y_off = np.arange(g.batch, dtype=np.int64) * g.x_channels * math.prod(g.x_size)
+        for i in range(g.nd - 1):
+            m = sel[i][0] + np.arange(sel[i][1])
+            start = np.add.outer(start, (m + lo_g[i]) * pitch[i]).reshape(-1)
+            y_off = np.add.outer(y_off, (m * g.stride[i] + rho[i] - g.pad_lo[i]) * x_pitch[i]).reshape(-1)
+        m0, n = sel[-1][0], sel[-1][1]
+        c0 = np.arange(0, n, length)
+        m = m0 + c0
+        first = np.add.outer(start, m + lo_g[-1]).reshape(-1)
+        y_first = np.add.outer(y_off, m * g.stride[-1] + rho[-1] - g.pad_lo[-1]).reshape(-1)
+        counts = np.tile(np.minimum(length, n - c0), start.size)
+        items = np.stack([first, y_first, counts], axis=1).astype(np.int64)
+        for a in (items, taps := np.array(taps, dtype=np.int64), offsets := np.array(offsets, dtype=np.int64)):
+            a.flags.writeable = False
+        parts.append((items, taps, offsets))
+    return tuple(need), tuple(lo_g), parts
