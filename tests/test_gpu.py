@@ -623,13 +623,14 @@ def test_heuristic_and_forcing(gpu):
     eng = GPUEngine()
     first = "cudnn" if cudnn.available() else None
     for op in OPS:
-        assert eng.choose(op, dw, np.float32).name == "plane"      # preferred untuned
+        # preferred untuned: register windows for stride-1 depthwise where they apply
+        assert eng.choose(op, dw, np.float32).name == ("plane" if op == "backward_weight" else "depthwise_rows")
         assert eng.choose(op, grouped, np.float32).name == "plane"
         assert eng.choose(op, dense, np.float32).name == (first or IM2COL32)
     with eng.force("forward", "im2col_gemm"):
         assert eng.choose("forward", dw, np.float32).name == "im2col_gemm"
-        assert eng.choose("backward_input", dw, np.float32).name == "plane"
-    assert eng.choose("forward", dw, np.float32).name == "plane"
+        assert eng.choose("backward_input", dw, np.float32).name == "depthwise_rows"
+    assert eng.choose("forward", dw, np.float32).name == "depthwise_rows"
     with eng.force(None, "depthwise_direct"):
         with pytest.raises(ValueError, match="does not support"):
             eng.choose("forward", dense, np.float32)
@@ -645,7 +646,7 @@ def test_heuristic_and_forcing(gpu):
     x = cp.asarray(np.random.default_rng(0).standard_normal(dw.x_shape).astype(np.float32))
     w = cp.asarray(np.random.default_rng(1).standard_normal(dw.w_shape).astype(np.float32))
     F.conv2d(x, w, padding=1, groups=4)
-    assert gpu.last_algorithm["forward"] == "plane"
+    assert gpu.last_algorithm["forward"] == "depthwise_rows"
     with gpu.force(None, "im2col_gemm"):
         F.conv2d(x, w, padding=1, groups=4)
     assert gpu.last_algorithm["forward"] == "im2col_gemm"
