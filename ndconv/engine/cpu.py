@@ -553,13 +553,14 @@ class CPUEngine:
         return ygp, (c // yg) * ygp + c % yg, nv, rows
 
     @staticmethod
-    def _direct_plan(items, seg, cg, groups, ygp, nv, tile_rows, dt):
+    def _direct_plan(items, seg, cg, groups, ygp, nv, tile_rows, dt, stride=1):
         """(rows of a segment in a job's tile, segments per job) of cpu_direct.forward."""
         pitch = max(cd.round_up(seg, r) for r in tile_rows)
-        # jobs: runs of segments whose rows of xl fit BLOCK_BYTES, times groups and column
-        # blocks; at least 8 per thread where there are enough segments
+        # jobs: runs of segments whose rows of xl (stride: positions per output) fit
+        # BLOCK_BYTES, times groups and column blocks; at least 8 per thread where there
+        # are enough segments
         blocks = -(-ygp // (nv * cd.lanes(dt))) * groups
-        per_job = max(1, cd.BLOCK_BYTES // (pitch * cg * dt.itemsize))
+        per_job = max(1, cd.BLOCK_BYTES // (pitch * stride * cg * dt.itemsize))
         return pitch, max(1, min(per_job, len(items) * blocks // (8 * _threads())))
 
     def _forward_direct(self, x, w, g, dt, y):
@@ -568,7 +569,8 @@ class CPUEngine:
         cg, yg, ng = g.x_channels // g.groups, g.y_channels // g.groups, g.groups
         ygp, cols, nv, tile_rows = self._direct_columns(g, dt)
         items, _ = cd.segments(g, cd.SEGMENT)
-        pitch, per_job = self._direct_plan(items, min(g.y_size[-1], cd.SEGMENT), cg, ng, ygp, nv, tile_rows, dt)
+        pitch, per_job = self._direct_plan(items, min(g.y_size[-1], cd.SEGMENT), cg, ng, ygp, nv, tile_rows, dt,
+                                           math.prod(g.stride))
         # the last tile of a segment reads up to 15 positions past its end
         xl = self._direct_pack(x, g.x_channels, g.x_size, g.pad_lo, need,
                                g.batch * math.prod(need) + 16 * g.stride[-1], np.arange(g.x_channels), dt)

@@ -59,7 +59,7 @@ SHORT = 2                          # a forward tile may take up to this many row
 PARTS = 4                          # fixed position ranges of the weight gradient
 BLOCK_BYTES = 128 << 10            # rows of xl one forward job covers at most (measured 32-512 KiB)
 SEGMENT = 384                      # outputs of a row per segment at most
-WEIGHT_BYTES = 256 << 10           # weights one forward pass over a job's tiles reads (measured 48-448 KiB)
+WEIGHT_BYTES = 128 << 10           # weights one forward pass over a job's tiles reads (measured 48-448 KiB)
 TAP_BYTES = 16 << 10               # weight rows of one tap in a chunk: L1 keeps the tile's x rows across taps
 GRADIENT_BYTES = 256 << 10         # rows of x and gy one weight-gradient tile call walks (measured)
 
