@@ -626,14 +626,14 @@ class CPUEngine:
         ycols[cols] = np.arange(g.y_channels)
         gyl = self._direct_pack(gy, g.y_channels, g.y_size, (0,) * g.nd, g.y_size,
                                 g.batch * math.prod(g.y_size), ycols, dt)
-        parts = cd.aligned_empty((cd.PARTS, g.taps, ng, cgp, ygp), dt, zero=True)
+        parts = cd.aligned_empty((cd.PARTS, g.taps, ng, cgp, ygp), dt)
         self._note(xl, gyl, parts)
         positions = cd.GRADIENT_BYTES // ((xl.shape[1] + gyl.shape[1]) * dt.itemsize)
         chunk = max(1, positions // min(g.y_size[-1], cd.SEGMENT))
         cd.weight_grad(xl, gyl, offsets, parts, ng, cg, nv, items, g.stride[-1], chunk)
-        gw = parts.sum(axis=0)[:, :, :cg, :yg]                         # (K, G, Cx/G, Cy/G)
-        # -> (G, Cy/G, Cx/G, K) -> (Cy, Cx/G, *k)
-        return np.ascontiguousarray(gw.transpose(1, 3, 2, 0)).reshape(g.w_shape)
+        gw = np.empty((ng, yg, cg, g.taps), dtype=dt)                 # (G, Cy/G, Cx/G, K)
+        cd.sum_parts(parts, cg, yg, gw)
+        return gw.reshape(g.w_shape)
 
     # ------------------------------------------------------------ depthwise: compiled loops
 

@@ -246,8 +246,9 @@ if AVAILABLE:
         length n): output q of it is gyl row ``items[m, 1] + q`` and reads xl row
         ``items[m, 0] + q*s_last + offsets[t]``.  Runs of up to ``chunk`` segments of one
         length are one tile call each (its taps loop walks the segments), so the tile
-        stays in registers across them.  gw (PARTS, T, G, cgp, ygp) starts zeroed; cgp is
-        a multiple of the tile rows and xl has columns up to (G-1)*cg + cgp.
+        stays in registers across them.  gw (PARTS, T, G, cgp, ygp) need not be zeroed: a
+        part's first run writes its tiles, later ones add; cgp is a multiple of the tile
+        rows and xl has columns up to (G-1)*cg + cgp.
         """
         parts, taps, cgp, ygp = gw.shape[0], gw.shape[1], gw.shape[3], gw.shape[4]
         ldy, ldx = gyl.shape[1], xl.shape[1]
@@ -258,6 +259,9 @@ if AVAILABLE:
         for part in prange(parts):
             out = gw[part].reshape(-1)
             m, end = part * per, min(count, part * per + per)
+            if m >= end:
+                out[:] = 0
+            first = m
             while m < end:
                 n = items[m, 2]
                 m1 = m + 1
@@ -272,8 +276,21 @@ if AVAILABLE:
                             for i0 in range(0, cgp, mr):
                                 _tile(v, mr, out, ((t * groups + j) * cgp + i0) * ygp + n0, ygp,
                                       xf, offsets[t] * ldx + j * cg + i0, 1, s_last * ldx,
-                                      yf, j * ygp + n0, ldy, n, rows_a, rows_b, 1)
+                                      yf, j * ygp + n0, ldy, n, rows_a, rows_b, m > first)
                 m = m1
+
+    @njit(parallel=True, cache=True)
+    def sum_parts(gw, cg, yg, out):
+        """out[j, col, i, t] = sum over p in order of gw[p, t, j, i, col] (i < cg, col < yg)."""
+        parts, taps, groups = gw.shape[0], gw.shape[1], gw.shape[2]
+        for row in prange(groups * yg):
+            j, col = row // yg, row % yg
+            for i in range(cg):
+                for t in range(taps):
+                    acc = gw[0, t, j, i, col]
+                    for p in range(1, parts):
+                        acc += gw[p, t, j, i, col]
+                    out[j, col, i, t] = acc
 
 
 def round_up(n, m):
