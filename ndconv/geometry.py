@@ -234,10 +234,16 @@ def _memo_key(v):
     if t is int or t is str or v is None:
         return v
     if t is tuple:
+        # the common cases, kept as they are: a shape, and the argument tuple of a call
+        # whose values are ints, strings, None and shapes (one pass, no recursion)
         for e in v:
-            if type(e) is not int:
-                return tuple(_memo_key(e) for e in v)
-        return v                        # a shape: kept as it is (the common case)
+            te = type(e)
+            if te is int or te is str or e is None:
+                continue
+            if te is tuple and all(type(i) is int for i in e):
+                continue
+            return tuple(_memo_key(e) for e in v)
+        return v
     if t is list:
         return (_LIST,) + tuple(_memo_key(e) for e in v)
     raise TypeError("not memoizable")

@@ -259,3 +259,18 @@ def test_read_only_inputs_are_accepted():
     y += 1  # the result is the caller's to write
     ndconv.conv_backward(np.ones((1, 3, 4, 4)), x, w)
     ndconv.conv_transpose2d(np.ones((1, 2, 4, 4)), w.transpose(1, 0, 2, 3))
+
+
+def test_memoized_geometry_keeps_values_the_checks_treat_differently_apart():
+    """The geometry parsers remember successful calls by their arguments: a call that
+    equals a remembered one in Python (True == 1 == 1.0, (True,) == (1,)) must still
+    get its own checks and error."""
+    good = ndconv.conv_geometry((1, 2, 5), (2, 2, 3), None, stride=1, padding=(1,))
+    assert ndconv.conv_geometry((1, 2, 5), (2, 2, 3), None, stride=1, padding=(1,)) == good
+    for bad in (True, 1.0, (True,), [1.0]):
+        with pytest.raises(TypeError, match="stride"):
+            ndconv.conv_geometry((1, 2, 5), (2, 2, 3), None, stride=bad, padding=(1,))
+    with pytest.raises(TypeError, match="padding"):
+        ndconv.conv_geometry((1, 2, 5), (2, 2, 3), None, stride=1, padding=(True,))
+    # other integer types and lists pass the checks, the same geometry either way
+    assert ndconv.conv_geometry((1, 2, 5), (2, 2, 3), None, stride=np.int64(1), padding=[1]) == good
