@@ -42,6 +42,7 @@ from __future__ import annotations
 import math
 import os
 import platform
+import time
 from contextlib import contextmanager
 from dataclasses import replace
 
@@ -61,6 +62,7 @@ DEFAULT_WORKSPACE = 256 << 20
 GROUPED_MAX = 32   # channels per group (in and out) up to which "grouped" may run; see supports
 TAPS_MIN_CHANNELS = 16   # per group, in and out, for "taps": narrower per-tap GEMMs waste BLAS
 OPS = ("forward", "backward_input", "backward_weight")
+TUNE_SETTLE = 0.2   # seconds of pause before timing a candidate after another one (autotuning)
 FLAT_FAMILY = ("flat", "flat_cf", "taps", "direct")   # stride 1 at the padded pitch (strides via phases)
 
 
@@ -197,7 +199,16 @@ class CPUEngine:
             found = [a for a in self.algorithms if self.supports(a, op, g, dtype.itemsize)]
             a, b = (arrays[name] for name in operands[op])
 
-            def run(algorithm, op=op, a=a, b=b):
+            last = [None]
+
+            def run(algorithm, op=op, a=a, b=b, last=last):
+                # Before a candidate's first call after another's (the timer's warm-up
+                # call, so never inside a timed call), let the worker threads that are
+                # still spinning (OpenBLAS, another library's OpenMP) go idle: otherwise
+                # the first candidate timed after them measured up to 2.6x slow.
+                if last[0] != algorithm and _threads() > 1:
+                    time.sleep(TUNE_SETTLE)
+                last[0] = algorithm
                 with self.force(algorithm):
                     getattr(self, op)(a, b, g)
             candidates = {name: (lambda name=name: run(name)) for name in found}
