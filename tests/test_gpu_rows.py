@@ -48,7 +48,7 @@ def test_rows_plan_covers_every_output_and_declines():
                 assert c["M"] == g.y_channels // g.x_channels
                 out3 = gpu_depthwise.as3(g.y_size if op == "forward" else g.x_size, 1)
                 assert (c["YZ"], c["YY"], c["YX"]) == out3
-                threads = p.planes * out3[0] * -(-out3[1] // c["R"]) * -(-out3[2] // c["VX"])
+                threads = p.planes * -(-out3[0] // c["RZ"]) * -(-out3[1] // c["R"]) * -(-out3[2] // c["VX"])
                 assert p.blocks * c["NT"] >= threads > (p.blocks - 1) * c["NT"]
                 assert p.vec4 == (dtype == "float32" and c["XX"] % 4 == 0 and c["YX"] % 4 == 0)
     dw = ROWS_GEOMETRIES[0]
