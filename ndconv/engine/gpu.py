@@ -304,8 +304,17 @@ class Im2colGemm(gpu_blas.Fp32Twin, Algorithm):
             xv = x.reshape(g.batch, g.groups, g.x_channels // g.groups, -1).astype(dt, copy=False)
             return _per_group(wm, xv, self.fp32_math).astype(x.dtype, copy=False).reshape(g.y_shape)  # (N, G, Cy/G, P)
         y = cp.empty(g.y_shape, dtype=x.dtype)
+        # one group, computed in y's dtype: the GEMM of each chunk of whole samples writes
+        # y[n0:n1] in place, one batched GEMM over its samples (no transposed copy)
+        in_place = g.groups == 1 and dt == x.dtype and dt in (np.float32, np.float64)
         for n0, n1, a, b in self._chunks(engine, g, dt.itemsize):
             cols = self._columns(x, g, n0, n1, a, b, dt, stacked=True)
+            if in_place and (a, b) == (0, g.y_size[0]):
+                out = y[n0:n1].reshape(n1 - n0, g.y_channels, -1)           # (nb, Cy, P)
+                gpu_blas.matmul_samples(wm, cols, out, self.fp32_math)
+                engine._note(*gpu_blas.arrays(cols))
+                del cols
+                continue
             res = gpu_blas.matmul(wm, cols, fp32_math=self.fp32_math)   # (G, Cy/G, nb*P)
             engine._note(res, *gpu_blas.arrays(cols))
             del cols

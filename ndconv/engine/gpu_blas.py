@@ -399,6 +399,35 @@ def matmul(a, b, out=None, accumulate=False, fp32_math="ieee"):
     return out
 
 
+
+def matmul_samples(a, cols, out, fp32_math="ieee"):
+    """``out[n] = a @ cols[:, n*P:(n+1)*P]`` for one (1, M, K) matrix ``a`` and the columns
+    ``cols`` (1, K, nb*P) of nb samples, written into ``out`` (nb, M, P), C-ordered: one
+    strided-batched GEMM over the samples (its B_n is the sample's column block), so an
+    im2col forward lands in y's (N, C, P) layout with no transposed copy of its result.
+    ``cols`` may be a :class:`Stacked` of 2 or 3 blocks (tf32x3; ``a`` is then split
+    here), else ``a`` and ``cols`` share out's dtype, C-ordered."""
+    nb, m, p = out.shape
+    if isinstance(cols, Stacked):
+        data, blocks = cols.data, cols.blocks
+        k = data.shape[1] // blocks
+        q = data.shape[2]
+        sa = stack_a(a, blocks).data                                  # (1, M, blocks*K)
+        da = (_OP_N, blocks * k, 0, sa.data.ptr)
+        db = (_OP_N, q, p, data.data.ptr)
+        if blocks == 3:
+            _gemm_ptr(out, 3 * k, _F32, da, db, False, True)
+        else:                                                         # lo_a hi_b + hi_a lo_b, + hi_a hi_b
+            _gemm_ptr(out, 2 * k, _F32, da, db, False, True)
+            _gemm_ptr(out, k, _F32, (_OP_N, 2 * k, 0, sa.data.ptr + 4 * k), db, True, True)
+        return out
+    if uses_tf32x3(out.dtype, fp32_math):
+        return matmul_samples(a, stack_b(cols, 3), out)
+    k, q = cols.shape[1], cols.shape[2]
+    a = cp.ascontiguousarray(a)
+    _gemm_ptr(out, k, out.dtype, (_OP_N, k, 0, a.data.ptr), (_OP_N, q, p, cols.data.ptr), False, False)
+    return out
+
 def view(operand, fn):
     """``fn`` applied to an array, or to both parts of a :class:`Split`."""
     return Split(fn(operand.hi), fn(operand.lo)) if isinstance(operand, Split) else fn(operand)
