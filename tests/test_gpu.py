@@ -1054,6 +1054,27 @@ def test_gpu_blas_matmul_layouts(dtype, fp32_math):
                 assert relerr(host(out), want + 1) < tol, (type(sa).__name__, type(sb).__name__)
 
 
+
+@pytest.mark.parametrize("dtype,fp32_math", [("float32", "ieee"), ("float32", "tf32x3"), ("float64", "ieee")])
+def test_gpu_blas_matmul_samples(dtype, fp32_math):
+    """out[n] = a @ (sample n's block of P columns): one batched GEMM writing (nb, M, P),
+    from plain columns and from columns already stacked in 2 or 3 TF32 blocks."""
+    from ndconv.engine import gpu_blas
+    rng = np.random.default_rng(6)
+    tol = {"float32": 1e-5, "float64": 1e-12}[dtype]
+    nb, m, k, p = 3, 5, 7, 11
+    a = cp.asarray(rng.standard_normal((1, m, k)).astype(dtype))
+    cols = cp.asarray(rng.standard_normal((1, k, nb * p)).astype(dtype))
+    want = np.einsum("mk,knp->nmp", host(a)[0].astype(np.float64),
+                     host(cols)[0].astype(np.float64).reshape(k, nb, p))
+    operands = [cols]
+    if gpu_blas.uses_tf32x3(dtype, fp32_math):
+        operands += [gpu_blas.stack_b(cols, 2), gpu_blas.stack_b(cols, 3)]
+    for c in operands:
+        out = cp.full((nb, m, p), np.nan, dtype)
+        assert gpu_blas.matmul_samples(a, c, out, fp32_math) is out
+        assert relerr(host(out), want) < tol, type(c).__name__
+
 def test_tf32_stack_strided_views():
     """stack_a / stack_b / split write the parts the reference split gives, from views of
     any strides (the raw kernel: size-1 and mergeable dims collapsed; more than 4 dims
