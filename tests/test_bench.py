@@ -92,18 +92,22 @@ def test_time_pair_interleaves_and_takes_medians():
     assert t.median_b == 2.0
 
 
-def test_time_pair_warms_up_for_at_least_warmup_s():
-    # rounds of A + B cost 5 s of the fake clock: 12 s of warm-up takes 3 rounds (the
-    # count asked for is only 1), and the timed calls come after them
-    clock = FakeClock()
-    calls = []
 
+def _recorded(calls, clock):
+    """fn(name, cost): a call that appends its name to ``calls`` and costs ``cost`` on ``clock``."""
     def fn(name, cost):
         def call():
             calls.append(name)
             clock.now += cost
         return call
+    return fn
 
+def test_time_pair_warms_up_for_at_least_warmup_s():
+    # rounds of A + B cost 5 s of the fake clock: 12 s of warm-up takes 3 rounds (the
+    # count asked for is only 1), and the timed calls come after them
+    clock = FakeClock()
+    calls = []
+    fn = _recorded(calls, clock)
     t = bench.time_pair(fn("A", 3.0), fn("B", 2.0), repeat=2, warmup=1, clock=clock, warmup_s=12.0)
     assert calls == ["A", "B"] * 3 + ["A", "B"] * 2
     assert t.times_a == [3.0, 3.0] and t.times_b == [2.0, 2.0]
@@ -116,12 +120,7 @@ def test_time_pair_settles_and_primes_before_each_timed_call():
     # library must follow a pause and an untimed call of that same library.
     clock = FakeClock()
     calls = []
-
-    def fn(name, cost):
-        def call():
-            calls.append(name)
-            clock.now += cost
-        return call
+    fn = _recorded(calls, clock)
 
     def sleep(seconds):
         calls.append(f"z{seconds}")

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import ndconv
+from gpu_support import assert_close_to_reference
 from ndconv.engine import gpu_plane
 from ndconv.engine.registry import OPS
 
@@ -108,7 +109,6 @@ def _device_count():
 
 
 on_gpu = pytest.mark.skipif(_device_count() == 0, reason="needs CuPy and a CUDA device")
-TOL = {"float64": 1e-11, "float32": 1e-5, "float16": 4e-3}
 
 
 def _check(g, dtype, seed=0):
@@ -126,9 +126,7 @@ def _check(g, dtype, seed=0):
         got = getattr(eng, op)(cp.asarray(a), cp.asarray(b), g)
         assert eng.last_algorithm[op] == "plane" and got.dtype == np.dtype(dtype)
         ref = getattr(cpu, op)(a.astype(np.float64), b.astype(np.float64), g)
-        got = cp.asnumpy(got).astype(np.float64)
-        err = np.linalg.norm(got - ref) / max(np.linalg.norm(ref), 1e-30)
-        assert np.all(np.isfinite(got)) and err < TOL[dtype], (op, err, g)
+        assert_close_to_reference(got, ref, dtype, (op, g))
 
 
 @pytest.mark.parametrize("dtype", ("float64", "float32", "float16"))
