@@ -235,3 +235,91 @@ def test_concurrent_process_writers_lose_nothing(tmp_path):
     assert all(p.exitcode == 0 for p in procs)
     entries = Autotuner(path=path).entries(CTX)
     assert entries == {f"p{i}-{j}": f"alg{i}" for i in range(4) for j in range(10)}
+
+
+class FakeClock:
+    """A clock that only moves when a candidate runs (by its scripted time) or sleeps."""
+
+    def __init__(self):
+        self.now = 0.0
+        self.log = []
+
+    def __call__(self):
+        return self.now
+
+    def sleep(self, s):
+        self.log.append(("sleep", s))
+        self.now += s
+
+    def candidate(self, name, times_ms):
+        it = iter(times_ms)
+
+        def fn():
+            self.log.append(name)
+            self.now += next(it) / 1e3
+        return fn
+
+
+def test_interleaved_rounds_order_settle_prune_and_fastest_call(tmp_path):
+    t = tuner(tmp_path)
+    clock = FakeClock()
+    # each round: one untimed call (99 ms: first-call costs), then calls=2 timed ones
+    cands = {
+        "a": clock.candidate("a", [99, 5, 9] + [99, 3, 8] + [99, 6, 6]),     # fastest call 3
+        "b": clock.candidate("b", [99, 4, 4] + [99, 7, 7] + [99, 3.5, 9]),   # fastest call 3.5
+        "far": clock.candidate("far", [99, 20, 7]),                         # 7 > 1.6 * 4: out
+    }
+    choice = t.tune_interleaved(CTX, "k", cands, rounds=3, calls=2, settle=0.2, prune=1.6,
+                                clock=clock, sleep=clock.sleep)
+    assert choice.algorithm == "a" and not choice.cached
+    assert choice.ms == pytest.approx({"a": 3.0, "b": 3.5, "far": 7.0})
+    s = ("sleep", 0.2)
+    # round 1 in order; round 2 starts at the survivors' 2nd, round 3 at their 1st (3 mod 2)
+    assert clock.log == ([s] + ["a"] * 3 + [s] + ["b"] * 3 + [s] + ["far"] * 3
+                         + [s] + ["b"] * 3 + [s] + ["a"] * 3
+                         + [s] + ["a"] * 3 + [s] + ["b"] * 3)
+    assert t.timings_run == 7 and t.lookup(CTX, "k") == "a"
+    assert t.tune_interleaved(CTX, "k", cands, clock=clock, sleep=clock.sleep).cached
+
+
+def test_interleaved_budget_stops_new_rounds_after_min_rounds(tmp_path):
+    t = tuner(tmp_path)
+    clock = FakeClock()
+    cands = {"a": clock.candidate("a", [400, 300, 300] * 5), "b": clock.candidate("b", [400, 310, 310] * 5)}
+    # a round takes 2 * 1.0 s: the budget of 1 s is spent after round 1, min_rounds runs 2
+    choice = t.tune_interleaved(CTX, "k", cands, rounds=5, calls=2, budget=1.0, min_rounds=2,
+                                clock=clock, sleep=clock.sleep)
+    assert choice.algorithm == "a" and clock.log == ["a"] * 3 + ["b"] * 3 + ["b"] * 3 + ["a"] * 3
+    clock.log.clear()
+    t.tune_interleaved(CTX, "k2", cands, rounds=5, calls=2, budget=5.0, clock=clock, sleep=clock.sleep)
+    assert len(clock.log) == 3 * 2 * 3                  # rounds of 2 s: the 4th would start at 6 s
+
+
+def test_interleaved_drops_failures_stops_alone_and_raises_when_all_fail(tmp_path):
+    t = tuner(tmp_path)
+    clock = FakeClock()
+
+    def boom():
+        raise MemoryError("no room")
+    choice = t.tune_interleaved(CTX, "k", {"bad": boom, "ok": clock.candidate("ok", [1, 2, 2.5])},
+                                rounds=5, calls=2, clock=clock, sleep=clock.sleep)
+    # "ok" alone after round 1: no more rounds; no settle pause when settle is 0
+    assert choice.algorithm == "ok" and choice.ms == pytest.approx({"ok": 2.0})
+    assert clock.log == ["ok"] * 3
+    with pytest.raises(MemoryError):
+        t.tune_interleaved(CTX, "k2", {"bad": boom}, clock=clock, sleep=clock.sleep)
+    with pytest.raises(ValueError):
+        t.tune_interleaved(CTX, "k3", {"ok": lambda: None}, rounds=0)
+
+
+def test_interleaved_tie_prefers_the_first_candidate_in_order(tmp_path):
+    t = tuner(tmp_path)
+    clock = FakeClock()
+    cands = {"pref": clock.candidate("pref", [9, 10.5, 10.5] * 2), "other": clock.candidate("other", [9, 10, 10] * 2),
+             "third": clock.candidate("third", [9, 9.8, 9.8] * 2)}
+    assert t.tune_interleaved(CTX, "k", cands, rounds=2, tie=0.1, clock=clock, sleep=clock.sleep).algorithm == "pref"
+    clock2 = FakeClock()
+    cands = {"pref": clock2.candidate("pref", [9, 11, 11] * 2), "other": clock2.candidate("other", [9, 9.9, 9.9] * 2)}
+    assert t.tune_interleaved(CTX, "k2", cands, rounds=2, tie=0.1, clock=clock2, sleep=clock2.sleep).algorithm == "other"
+    cands = {"pref": clock2.candidate("pref", [9, 10.5, 10.5] * 2), "other": clock2.candidate("other", [9, 10, 10] * 2)}
+    assert t.tune_interleaved(CTX, "k3", cands, rounds=2, clock=clock2, sleep=clock2.sleep).algorithm == "other"

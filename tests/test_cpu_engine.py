@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 
 import ndconv
+from ndconv.engine import autotune
 from ndconv.engine.cpu import CPUEngine
 from ndconv.engine.phases import waste as _phase_waste
 
@@ -57,8 +58,10 @@ def test_small_workspace_leaves_only_im2col_and_bounds_temporaries():
         np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
 
 
-def test_optimize_caches_a_supported_choice_and_keeps_results():
+def test_optimize_caches_a_supported_choice_and_keeps_results(monkeypatch, tmp_path):
+    monkeypatch.setattr(cpu_module, "TUNE_SETTLE", 0.0)      # tiny shapes: no pauses in a test
     e = CPUEngine()
+    e.tuner = autotune.Autotuner(path=tmp_path / "a.json")
     g = geometry((2, 4, 8, 8), (4, 4, 3, 3), padding=1)
     chosen = e.optimize(g, np.float64, repeat=1)
     assert set(chosen) == {"forward", "backward_input", "backward_weight"}

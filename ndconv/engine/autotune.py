@@ -184,6 +184,77 @@ class Autotuner:
         self.record(context, key, best, ms)
         return Choice(best, ms, False)
 
+    def tune_interleaved(self, context, key, candidates, rounds=5, calls=2, settle=0.0,
+                         prune=1.6, budget=None, min_rounds=2, tie=0.0, clock=time.perf_counter,
+                         sleep=time.sleep):
+        """Time the candidates round-robin over up to ``rounds`` rounds; return the fastest.
+
+        For hosts whose speed drifts over seconds and whose libraries leave worker
+        threads spinning after a call (the CPU).  In every round each candidate, in
+        turn, gets ``sleep(settle)`` (the previous candidate's threads go idle), one
+        untimed call (its own threads wake, first-call costs are paid), then ``calls``
+        calls timed one by one with ``clock`` (seconds).  A candidate's time is the
+        minimum over all its timed calls, in milliseconds: a busy host only adds time,
+        and spreading each candidate's calls over the rounds gives each a chance at
+        the host's fast spells, so a drift of the host's speed does not decide.  Round
+        r starts at candidate r (mod their number), so none is always first.  After
+        the first round, candidates slower than ``prune`` times the fastest drop out;
+        no round starts once ``budget`` seconds (of ``clock``) have passed since the
+        start and ``min_rounds`` rounds ran, nor once one candidate is left.  The
+        choice is the first candidate (in the order given: the caller's preference)
+        within ``tie`` (a fraction) of the fastest time: on a noisy host, times that
+        close do not say which is faster, and a fixed preference keeps the choice
+        the same from run to run.  A
+        candidate that raises is dropped; if every one raises, the last error is
+        raised again.  A remembered choice still among the candidates is returned
+        without timing, as :meth:`tune` does.
+        """
+        if not candidates:
+            raise ValueError("candidates must name at least one algorithm, got candidates={}")
+        if not isinstance(rounds, int) or rounds < 1 or not isinstance(calls, int) or calls < 1:
+            raise ValueError(f"rounds and calls must be positive ints, got rounds={rounds!r}, calls={calls!r}")
+        names = list(candidates)
+        known = self.lookup(context, key)
+        if known in candidates:
+            return Choice(known, {}, True)
+        ms, error, alive = {}, None, list(names)
+        start = clock()
+        for r in range(rounds):
+            if r >= max(1, min_rounds) and budget is not None and clock() - start >= budget:
+                break
+            order = alive[r % len(alive):] + alive[:r % len(alive)]
+            for name in order:
+                fn = candidates[name]
+                try:
+                    if settle > 0:
+                        sleep(settle)
+                    fn()
+                    for _ in range(calls):
+                        t0 = clock()
+                        fn()
+                        t = (clock() - t0) * 1e3
+                        if math.isfinite(t):
+                            ms[name] = min(ms.get(name, math.inf), t)
+                except Exception as e:  # noqa: BLE001 - e.g. out of memory: not a candidate here
+                    error = e
+                    alive.remove(name)
+                    ms.pop(name, None)
+                    continue
+                self.timings_run += 1
+            if r == 0 and ms:
+                fastest = min(ms.values())
+                alive = [n for n in alive if n in ms and ms[n] <= fastest * prune]
+            if len(alive) <= 1:
+                break
+        if not ms:
+            if error is not None:
+                raise error
+            raise RuntimeError(f"no candidate of {names} gave a finite time")
+        fastest = min(ms.values())
+        best = next(n for n in names if ms.get(n, math.inf) <= fastest * (1 + tie))
+        self.record(context, key, best, ms)
+        return Choice(best, ms, False)
+
     def record(self, context, key, algorithm, ms=None):
         """Remember ``algorithm`` for this call (memory, then disk)."""
         if not isinstance(algorithm, str) or not algorithm:

@@ -63,6 +63,10 @@ GROUPED_MAX = 32   # channels per group (in and out) up to which "grouped" may r
 TAPS_MIN_CHANNELS = 16   # per group, in and out, for "taps": narrower per-tap GEMMs waste BLAS
 OPS = ("forward", "backward_input", "backward_weight")
 TUNE_SETTLE = 0.2   # seconds of pause before timing a candidate after another one (autotuning)
+TUNE_ROUNDS = 5     # autotuning: round-robin rounds over the candidates at most (each keeps its fastest call) ...
+TUNE_BUDGET = 2.5   # ... and no new round after this many seconds (2 rounds at least)
+TUNE_PRUNE = 1.6    # autotuning: after the first round, candidates this much slower than the fastest drop out
+TUNE_TIE = 0.1      # autotuning: the first of `algorithms` within this fraction of the fastest is chosen
 FLAT_FAMILY = ("flat", "flat_cf", "taps", "direct")   # stride 1 at the padded pitch (strides via phases)
 
 
@@ -179,10 +183,11 @@ class CPUEngine:
         finally:
             self._forced = previous
 
-    def optimize(self, g, dtype=np.float32, ops=OPS, repeat=3):
-        """Time every applicable algorithm once for this geometry; later calls use the fastest.
+    def optimize(self, g, dtype=np.float32, ops=OPS, repeat=2):
+        """Time every applicable algorithm for this geometry; later calls use the fastest.
 
-        The choice is kept in memory and in the autotune cache file, so later
+        Candidates are timed round-robin (``repeat`` timed calls each per round, see
+        ``Autotuner.tune_interleaved``).  The choice is kept in memory and in the autotune cache file, so later
         processes on this machine reuse it.  Returns ``{op: algorithm}``.
         """
         g = g if g.padding_mode == "zeros" else g.with_zero_padding()
@@ -199,20 +204,23 @@ class CPUEngine:
             found = [a for a in self.algorithms if self.supports(a, op, g, dtype.itemsize)]
             a, b = (arrays[name] for name in operands[op])
 
-            last = [None]
-
-            def run(algorithm, op=op, a=a, b=b, last=last):
-                # Before a candidate's first call after another's (the timer's warm-up
-                # call, so never inside a timed call), let the worker threads that are
-                # still spinning (OpenBLAS, another library's OpenMP) go idle: otherwise
-                # the first candidate timed after them measured up to 2.6x slow.
-                if last[0] != algorithm and _threads() > 1:
-                    time.sleep(TUNE_SETTLE)
-                last[0] = algorithm
+            def run(algorithm, op=op, a=a, b=b):
                 with self.force(algorithm):
                     getattr(self, op)(a, b, g)
             candidates = {name: (lambda name=name: run(name)) for name in found}
-            best = self._tuner().tune(_context(), self._call_key(op, g, dtype), candidates, repeat=repeat)
+            # Round-robin rounds, each candidate's timed calls after a TUNE_SETTLE pause
+            # (worker threads still spinning from the previous one -- OpenBLAS's, another
+            # library's OpenMP -- made the first candidate timed after them up to 2.6x
+            # slow) and one untimed call; each keeps its fastest call.  Timings of one
+            # candidate after another let a drift of the host's speed (1.5-2x, lasting
+            # seconds) decide: direct 179 ms vs 67 ms for c2d_dilated, and the choice of
+            # 5 of 18 strided rows changed between fresh runs.  Times within TUNE_TIE of
+            # the fastest are noise here: the first in `algorithms` order among them wins.
+            settle = TUNE_SETTLE if _threads() > 1 else 0.0
+            best = self._tuner().tune_interleaved(
+                _context(), self._call_key(op, g, dtype), candidates, rounds=TUNE_ROUNDS,
+                calls=repeat, settle=settle, prune=TUNE_PRUNE, budget=TUNE_BUDGET,
+                tie=TUNE_TIE)
             chosen[op] = self._tuned[(op, g, dtype.str)] = best.algorithm
         return chosen
 
