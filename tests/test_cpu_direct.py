@@ -98,7 +98,48 @@ def test_direct_forward_many_blocks_and_threads():
     assert check_against_reference(CPUEngine(), g, dict(padding=1), (41, 37), dtypes=(np.float32,)) == 3
 
 
-def test_direct_weight_gradient_does_not_depend_on_threads():
+@pytest.mark.parametrize("runs", [False, True])
+@pytest.mark.parametrize("size,kernel,stride,padding,c_in,c_out,groups", [
+    ((9, 8), (3, 3), 2, 1, 13, 80, 1),          # strided, two column blocks, odd rows
+    ((6, 5, 7), (2, 2, 2), 2, 0, 20, 150, 2),   # 3-D, groups, a narrow last block
+    ((17,), (4,), 2, 1, 70, 35, 1),             # 1-D, rows split in halves for balance
+    ((5, 5), (3, 3), 1, 1, 4, 3, 1),            # one run per part or fewer
+])
+def test_direct_weight_gradient_by_runs_and_by_parts(monkeypatch, runs, size, kernel, stride, padding,
+                                                    c_in, c_out, groups):
+    """Both weight-gradient schemes (forced) against the float64 reference."""
+    monkeypatch.setattr(cd, "GRADIENT_RUNS", runs)
+    monkeypatch.setattr(cd, "GRADIENT_BYTES", 2 << 10)             # several runs per call
+    g = geometry((2, c_in) + size, (c_out, c_in // groups) + kernel, stride=stride, padding=padding,
+                 groups=groups)
+    import reference as ref
+    x, gy = rng.standard_normal(g.x_shape), rng.standard_normal(g.y_shape)
+    want = ref.conv_grad_weight(x, gy, g.w_shape, stride=stride, padding=padding, groups=groups)
+    e = CPUEngine()
+    for dtype, tol in ((np.float64, 1e-10), (np.float32, 1e-4)):
+        with e.force("direct"):
+            got = e.backward_weight(x.astype(dtype), gy.astype(dtype), g)
+        np.testing.assert_allclose(got, want, rtol=tol, atol=tol * np.abs(want).max())
+
+
+def test_gradient_runs_cut_equal_lengths_up_to_chunk():
+    items = np.array([[0, 0, 5]] * 5 + [[0, 0, 3]] * 2 + [[0, 0, 5]], dtype=np.int64)
+    assert cd.gradient_runs(items, 2).tolist() == [[0, 2], [2, 4], [4, 5], [5, 7], [7, 8]]
+    assert cd.gradient_runs(items[:0], 2).shape == (0, 2)
+
+
+def test_direct_weight_gradient_by_runs_for_few_positions():
+    """The rule: c2d_resnet_s2's shape (14x14 outputs, 128 -> 256 channels) goes by runs."""
+    g = geometry((8, 128, 28, 28), (256, 128, 3, 3), stride=2, padding=1)
+    e = CPUEngine()
+    ygp, _, nv, rows = e._direct_columns(g, np.dtype(np.float32))
+    cgp = cd.round_up(128, math.lcm(*rows))
+    assert cd.PARTS * 9 * cgp * ygp * 4 >= cd.RUNS_BYTES * 8 * 14 * 14
+
+
+@pytest.mark.parametrize("runs", [False, True])
+def test_direct_weight_gradient_does_not_depend_on_threads(monkeypatch, runs):
+    monkeypatch.setattr(cd, "GRADIENT_RUNS", runs)
     g = geometry((2, 24, 30, 30), (32, 24, 3, 3), padding=1)
     x, gy = rng.standard_normal(g.x_shape).astype(np.float32), rng.standard_normal(g.y_shape).astype(np.float32)
     e = CPUEngine()
