@@ -400,8 +400,6 @@ class CPUEngine:
             return np.matmul(gyv, np.swapaxes(xv, 2, 3)).sum(axis=0).reshape(g.w_shape)
         if mode == "taps":
             return self._backward_weight_taps(x, gy, g, dt)
-        if mode == "direct":
-            return self._backward_weight_direct(x, gy, g, dt)
         if mode == "flat_cf":
             return self._backward_weight_flat_first(x, gy, g, dt)
         gwl = np.zeros((g.groups, g.taps * cg, yg), dtype=dt)          # (G, K*Cx/G, Cy/G)

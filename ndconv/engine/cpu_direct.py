@@ -122,43 +122,20 @@ if AVAILABLE:
 
     # every (vectors, rows) shape a tile call may take: MR_FOR[nv] rows, or up to SHORT fewer
     _TILES = {(nv, mr): _make_tile(mr, nv) for nv in (1, 2, 3, 4) for mr in range(MR_FOR[nv] - SHORT, MR_FOR[nv] + 1)}
-    _t1_16, _t1_15, _t1_14 = _TILES[1, 16], _TILES[1, 15], _TILES[1, 14]
-    _t2_12, _t2_11, _t2_10 = _TILES[2, 12], _TILES[2, 11], _TILES[2, 10]
-    _t3_8, _t3_7, _t3_6 = _TILES[3, 8], _TILES[3, 7], _TILES[3, 6]
-    _t4_6, _t4_5, _t4_4 = _TILES[4, 6], _TILES[4, 5], _TILES[4, 4]
+    _ARGS = "c, c_off, ldc, a, a_off, a_rs, a_cs, b, b_off, b_rs, k_len, toff_a, toff_b, accumulate"
 
-    @njit(inline="always")
-    def _tile(nv, mr, c, c_off, ldc, a, a_off, a_rs, a_cs, b, b_off, b_rs, k_len, toff_a, toff_b, accumulate):
-        """The tile of nv vectors by mr rows (MR_FOR[nv] - SHORT <= mr <= MR_FOR[nv])."""
-        d = MR_FOR[nv] - mr
-        if nv == 4:
-            if d == 0:
-                _t4_6(c, c_off, ldc, a, a_off, a_rs, a_cs, b, b_off, b_rs, k_len, toff_a, toff_b, accumulate)
-            elif d == 1:
-                _t4_5(c, c_off, ldc, a, a_off, a_rs, a_cs, b, b_off, b_rs, k_len, toff_a, toff_b, accumulate)
-            else:
-                _t4_4(c, c_off, ldc, a, a_off, a_rs, a_cs, b, b_off, b_rs, k_len, toff_a, toff_b, accumulate)
-        elif nv == 3:
-            if d == 0:
-                _t3_8(c, c_off, ldc, a, a_off, a_rs, a_cs, b, b_off, b_rs, k_len, toff_a, toff_b, accumulate)
-            elif d == 1:
-                _t3_7(c, c_off, ldc, a, a_off, a_rs, a_cs, b, b_off, b_rs, k_len, toff_a, toff_b, accumulate)
-            else:
-                _t3_6(c, c_off, ldc, a, a_off, a_rs, a_cs, b, b_off, b_rs, k_len, toff_a, toff_b, accumulate)
-        elif nv == 2:
-            if d == 0:
-                _t2_12(c, c_off, ldc, a, a_off, a_rs, a_cs, b, b_off, b_rs, k_len, toff_a, toff_b, accumulate)
-            elif d == 1:
-                _t2_11(c, c_off, ldc, a, a_off, a_rs, a_cs, b, b_off, b_rs, k_len, toff_a, toff_b, accumulate)
-            else:
-                _t2_10(c, c_off, ldc, a, a_off, a_rs, a_cs, b, b_off, b_rs, k_len, toff_a, toff_b, accumulate)
-        else:
-            if d == 0:
-                _t1_16(c, c_off, ldc, a, a_off, a_rs, a_cs, b, b_off, b_rs, k_len, toff_a, toff_b, accumulate)
-            elif d == 1:
-                _t1_15(c, c_off, ldc, a, a_off, a_rs, a_cs, b, b_off, b_rs, k_len, toff_a, toff_b, accumulate)
-            else:
-                _t1_14(c, c_off, ldc, a, a_off, a_rs, a_cs, b, b_off, b_rs, k_len, toff_a, toff_b, accumulate)
+    def _dispatcher():
+        """``_tile(nv, mr, c, ..., accumulate)``: the tile of nv vectors by mr rows (a shape
+        of _TILES), as one if-chain written out for every shape (numba cannot index a
+        tuple of different intrinsics)."""
+        names = {f"_t{nv}_{mr}": tile for (nv, mr), tile in _TILES.items()}
+        lines = [f"def _tile(nv, mr, {_ARGS}):"]
+        for i, (nv, mr) in enumerate(_TILES):
+            lines += [f"    {'elif' if i else 'if'} nv == {nv} and mr == {mr}:", f"        _t{nv}_{mr}({_ARGS})"]
+        exec("\n".join(lines), names)
+        return njit(inline="always")(names["_tile"])
+
+    _tile = _dispatcher()
 
     @njit(inline="always")
     def _columns(nv, ygp, n0, width):
