@@ -12,7 +12,7 @@ import zlib
 import numpy as np
 import pytest
 
-from gpu_support import cupy_and_marks
+from gpu_support import TOL, cupy_and_marks
 
 cp, pytestmark = cupy_and_marks()
 
@@ -31,7 +31,6 @@ ALGOS = tuple(name for name in ALGORITHMS.names() if name not in ("plane", "dept
 DTYPES = ("float64", "float32", "float16")
 # what the GEMM algorithms are called in float32 where TF32 tensor cores exist
 IM2COL32, FLAT32 = ("im2col_tf32x3", "flat_tf32x3") if gpu_blas.has_tf32() else ("im2col_gemm", "flat_gemm")
-TOL = {"float64": 1e-11, "float32": 1e-5, "float16": 4e-3}
 
 
 def relerr(a, b):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import ndconv
-from gpu_support import assert_close_to_reference
+from gpu_support import check_forced, on_gpu
 from ndconv.engine import gpu_plane
 from ndconv.engine.registry import OPS
 
@@ -100,33 +100,9 @@ def test_plan_views_and_declines():
 
 # ---------------------------------------------------------------------- on a GPU
 
-def _device_count():
-    try:
-        import cupy
-        return cupy.cuda.runtime.getDeviceCount()
-    except Exception:  # no CuPy, no driver, no device
-        return 0
-
-
-on_gpu = pytest.mark.skipif(_device_count() == 0, reason="needs CuPy and a CUDA device")
-
-
 def _check(g, dtype, seed=0):
-    import cupy as cp
-    from ndconv.engine.cpu import CPUEngine
-    from ndconv.engine.gpu import GPUEngine
-    cpu, eng = CPUEngine(), GPUEngine(algorithm="plane")
-    rng = np.random.default_rng(seed)
-    x, w, y = (rng.standard_normal(s).astype(dtype) for s in (g.x_shape, g.w_shape, g.y_shape))
-    operands = {"forward": (x, w), "backward_input": (y, w), "backward_weight": (x, y)}
-    for op in OPS:
-        a, b = operands[op]
-        if not gpu_plane.Plane().supports(op, g, dtype):
-            continue
-        got = getattr(eng, op)(cp.asarray(a), cp.asarray(b), g)
-        assert eng.last_algorithm[op] == "plane" and got.dtype == np.dtype(dtype)
-        ref = getattr(cpu, op)(a.astype(np.float64), b.astype(np.float64), g)
-        assert_close_to_reference(got, ref, dtype, (op, g))
+    ops = [op for op in OPS if gpu_plane.Plane().supports(op, g, dtype)]
+    check_forced("plane", g, dtype, ops, seed)
 
 
 @pytest.mark.parametrize("dtype", ("float64", "float32", "float16"))

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import ndconv
-from gpu_support import assert_close_to_reference
+from gpu_support import check_forced, on_gpu
 from ndconv.engine import gpu_depthwise
 from ndconv.engine.gpu_depthwise import rows_plan
 
@@ -80,38 +80,11 @@ def test_rows_is_the_untuned_choice_in_2d_and_3d():
 
 # ---------------------------------------------------------------------- on a GPU
 
-def _device_count():
-    try:
-        import cupy
-        return cupy.cuda.runtime.getDeviceCount()
-    except Exception:  # no CuPy, no driver, no device
-        return 0
-
-
-on_gpu = pytest.mark.skipif(_device_count() == 0, reason="needs CuPy and a CUDA device")
-
-
 def _check(g, dtype, seed=0, offset=0):
-    """Forced depthwise_rows against the CPU engine in float64; ``offset`` elements shift
-    the input off its buffer's alignment."""
-    import cupy as cp
-    from ndconv.engine.cpu import CPUEngine
-    from ndconv.engine.gpu import GPUEngine
-    cpu, eng = CPUEngine(), GPUEngine(algorithm="depthwise_rows")
-    rng = np.random.default_rng(seed)
-    x, w, y = (rng.standard_normal(s).astype(dtype) for s in (g.x_shape, g.w_shape, g.y_shape))
-    for op, a in (("forward", x), ("backward_input", y)):
-        if rows_plan(op, g, dtype) is None:
-            continue
-        buf = cp.empty(a.size + offset, dtype=dtype)
-        dev = buf[offset:].reshape(a.shape)
-        dev[...] = cp.asarray(a)
-        got = getattr(eng, op)(dev, cp.asarray(w), g)
-        assert eng.last_algorithm[op] == "depthwise_rows" and got.dtype == np.dtype(dtype)
-        again = getattr(eng, op)(dev, cp.asarray(w), g)
-        assert bool(cp.all(got == again)), "not bitwise reproducible"
-        ref = getattr(cpu, op)(a.astype(np.float64), w.astype(np.float64), g)
-        assert_close_to_reference(got, ref, dtype, (op, g))
+    """Forced depthwise_rows against the CPU engine in float64, bitwise repeatable;
+    ``offset`` elements shift the input off its buffer's alignment."""
+    ops = [op for op in PRIMITIVES if rows_plan(op, g, dtype) is not None]
+    check_forced("depthwise_rows", g, dtype, ops, seed, offset, repeat=True)
 
 
 @pytest.mark.parametrize("dtype", ("float64", "float32", "float16"))
