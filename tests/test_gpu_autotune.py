@@ -173,6 +173,74 @@ def test_cudnn_graph_forced_matches_cpu_and_is_deterministic(g, dtype):
         check_forced_against_cpu("cudnn_graph", op, g, dtype, host_arrays, dev, got)
 
 
+TF32X3_GEOMETRIES = [
+    geometry((3, 6, 17), (4, 6, 5), stride=2, padding=2),
+    geometry((2, 8, 11, 13), (8, 8, 3, 3), stride=(1, 2), padding=1, dilation=(2, 1)),
+    geometry((2, 6, 10, 9), (5, 6, 4, 4), padding=[(2, 1), (1, 0)]),
+    geometry((2, 4, 6, 7, 5), (4, 4, 3, 3, 3), padding=1),
+    conv_transpose_geometry((2, 4, 5, 5), (4, 3, 4, 4), None, 2, 1, 0, 1, 1)[0],
+    geometry((2, 16, 9, 9), (24, 16, 1, 1)),
+]
+
+
+@needs_cudnn
+@pytest.mark.parametrize("g", TF32X3_GEOMETRIES, ids=["1d_strided", "2d_dilated", "2d_asymmetric", "3d",
+                                                      "2d_transposed_k4s2", "2d_1x1"])
+def test_cudnn_tf32x3_matches_cpu_at_float32_accuracy(g):
+    """TF32 engines on split, stacked operands: float32 accuracy (one TF32 convolution
+    errs by ~3e-4 of the norm), same bits on a second run."""
+    host_arrays = arrays(g, np.float32, 4)
+    dev = tuple(cp.asarray(a) for a in host_arrays)
+    alg = ALGORITHMS.get("cudnn_tf32x3")
+    assert not alg.supports("backward_weight", g, np.float32)
+    eng = GPUEngine(algorithm="cudnn_tf32x3")
+    eng.peak_temp_bytes = 0
+    for op in ("forward", "backward_input"):
+        assert alg.supports(op, g, np.float32), op
+        got = run(eng, op, g, *dev)
+        check_forced_against_cpu("cudnn_tf32x3", op, g, "float32", host_arrays, dev, got)
+    # the stacked copies of both operands count as temporaries
+    assert eng.peak_temp_bytes >= 3 * (host_arrays[0].nbytes + host_arrays[1].nbytes)
+
+
+def test_cudnn_tf32x3_takes_what_tf32x3_may_sum():
+    from ndconv.engine import gpu_blas
+    alg = ALGORITHMS.get("cudnn_tf32x3")
+    dense = geometry((2, 8, 9, 9), (8, 8, 3, 3), padding=1)
+    assert alg.supports("forward", dense, np.float32) == (cudnn.available() and gpu_blas.has_tf32())
+    assert not alg.supports("forward", dense, np.float64)
+    assert not alg.supports("forward", dense, np.float16)
+    assert not alg.supports("backward_weight", dense, np.float32)
+    assert not alg.supports("forward", geometry((2, 8, 9, 9), (8, 4, 3, 3), padding=1, groups=2), np.float32)
+    # products per output: 512 channels x 9 taps = 4608 > TF32X3_MAX_K for the forward;
+    # the input gradient of a k4 s2 call sums Cy x 2 x 2 products per input position
+    long_sum = geometry((1, 512, 6, 6), (8, 512, 3, 3), padding=1)
+    assert alg.gemm_k("forward", long_sum) == 4608
+    assert not alg.supports("forward", long_sum, np.float32)
+    k4s2 = geometry((1, 8, 8, 8), (1024, 8, 4, 4), stride=2, padding=1)
+    assert alg.gemm_k("backward_input", k4s2) == 4096
+    if alg.supports("forward", dense, np.float32):    # stacked operands past the limit: not run
+        x, w, _ = (cp.asarray(a) for a in arrays(dense, np.float32))
+        with pytest.raises(RuntimeError, match="cannot run forward.*workspace limit"):
+            GPUEngine(algorithm="cudnn_tf32x3", workspace_limit=1024).forward(x, w, dense)
+
+
+def test_stack_parts_orders_the_tf32_parts():
+    from ndconv.engine import gpu_blas
+    a = cp.asarray(np.random.default_rng(2).standard_normal((3, 5, 7)).astype(np.float32))
+    for axis, order in ((1, "hlh"), (0, "hhl")):
+        s = cp.asnumpy(gpu_blas.stack_parts(a, axis, order))
+        blocks = np.split(s, 3, axis=axis)
+        hi = blocks[0]
+        lo = blocks[order.index("l")]
+        np.testing.assert_array_equal(blocks[[i for i, c in enumerate(order) if c == "h"][1]], hi)
+        # hi keeps 10 fraction bits (the low 13 bits of its float32 pattern are zero)
+        assert not np.any(hi.view(np.uint32) & 0x1FFF)
+        host_a = cp.asnumpy(a).astype(np.float64)
+        assert np.abs(hi + lo.astype(np.float64) - host_a).max() <= 2.0 ** -20 * np.abs(host_a).max()
+        assert np.abs(lo).max() > 0
+
+
 @needs_cudnn
 def test_cudnn_graph_takes_addresses_that_are_not_16_byte_aligned():
     g = geometry((2, 8, 12, 12), (8, 8, 3, 3), padding=1)

@@ -14,10 +14,16 @@ Engines are filtered as in the legacy path: float32 and float64 never use tensor
 non-deterministic are skipped while the GPU engine is deterministic.  Padding is
 passed as separate pre and post paddings; like the legacy path, calls that need more
 padding after than before go to other algorithms (see :func:`graph_padding`).
+
+A second algorithm, ``cudnn_tf32x3`` (:class:`CudnnGraphTF32x3`), takes the TF32
+tensor-core engines too, on float32 operands split into TF32 parts and stacked along
+the summed channels so that the result keeps float32 accuracy.
 """
 from __future__ import annotations
 
 import ctypes
+import math
+from dataclasses import replace
 
 import numpy as np
 
@@ -150,7 +156,8 @@ def _alignment(*ptrs):
 class _Graph:
     """The one-node operation graph of (op, geometry, dtype, alignment), and its plans."""
 
-    def __init__(self, handle, op, g, dtype, align):
+    def __init__(self, handle, op, g, dtype, align, tf32=False):
+        self.tf32 = tf32
         dt = cudnn._DATA[dtype.name]
         dims = {"x": list(g.x_shape), "w": list(g.w_shape), "y": list(g.y_shape)}
         pre, post = graph_padding(g)
@@ -234,6 +241,8 @@ class _Graph:
             return False
         if self.dtype == np.float16:
             return _NOTE_REDUCED_PRECISION not in notes
+        if self.tf32:       # float32 on TF32 tensor cores, nothing narrower
+            return not notes & {_NOTE_DOWN_CONVERT, _NOTE_REDUCED_PRECISION}
         return not notes & {_NOTE_TENSOR_CORE, _NOTE_DOWN_CONVERT}
 
     def plan(self, cfg):
@@ -274,14 +283,22 @@ class CudnnGraph(cudnn.CudnnAlgorithm):
     def run(self, engine, op, a, b, g):
         import cupy as cp
         out, arrays = cudnn.output_and_roles(cp, op, a, b, g)      # x, w, y
+        self._launch(engine, cp, op, g, a.dtype, arrays)
+        return out
+
+    def _launch(self, engine, cp, op, g, dtype, arrays, temps=()):
+        """Run ``op`` of ``g`` on ``arrays`` (x, w, y order), choosing the engine on the
+        first call; the caller's temporary arrays ``temps`` count against the limit."""
+        limit = engine.workspace_limit - sum(t.nbytes for t in temps)
+        if limit < 0:
+            raise NotApplicable(f"{self.name}'s operands alone exceed the workspace limit")
         ptrs = tuple(arr.data.ptr for arr in arrays)
         handle = cudnn.cudnn_handle(cp)
         align = _alignment(*ptrs)
-        key = (cp.cuda.runtime.getDevice(), op, g, a.dtype.char, align, engine.deterministic,
-               engine.workspace_limit)
+        key = (cp.cuda.runtime.getDevice(), op, g, dtype.char, align, engine.deterministic, limit)
         chosen = self._chosen.get(key)
         if chosen is None:
-            chosen = self._choose(engine, cp, handle, op, g, a.dtype, align, ptrs)
+            chosen = self._choose(engine, cp, handle, op, g, dtype, align, ptrs, limit)
             if len(self._chosen) > 512:
                 self._chosen.clear()
             self._chosen[key] = chosen
@@ -289,7 +306,8 @@ class CudnnGraph(cudnn.CudnnAlgorithm):
         ws = None
         if ws_bytes:
             ws = cp.empty(ws_bytes, dtype=np.uint8)
-            engine._note(ws)
+        if ws is not None or temps:
+            engine._note(*temps, *([ws] if ws is not None else []))
         ws_ptr = ws.data.ptr if ws is not None else None
         # A variant pack serves one plan only: cuDNN gave wrong results when a pack
         # built for (and run with) one plan was run with another plan.
@@ -299,15 +317,13 @@ class CudnnGraph(cudnn.CudnnAlgorithm):
                 packs.clear()
             pack = packs[ptrs + (ws_ptr,)] = _variant_pack(ptrs, ws_ptr)
         cudnn._check(_execute(handle, plan, pack), "cudnnBackendExecute")
-        return out
 
-    def _choose(self, engine, cp, handle, op, g, dtype, align, ptrs):
-        graph = _Graph(handle, op, g, dtype, align)
+    def _choose(self, engine, cp, handle, op, g, dtype, align, ptrs, limit):
+        graph = _Graph(handle, op, g, dtype, align, tf32=self.fp32_math == "tf32x3")
         configs = graph.configs(engine.deterministic)
         tuner, context = engine._tuner_context()
-        disk_key = f"cudnn_graph:a{align}:" + engine._call_key(op, g, dtype)
+        disk_key = f"{self.name}:a{align}:" + engine._call_key(op, g, dtype)
         remembered = tuner.lookup(context, disk_key) if tuner is not None else None
-        limit = engine.workspace_limit
         if remembered is not None:           # an earlier run's choice keeps the bits stable
             for ident, cfg in configs:
                 if ident == remembered:
@@ -352,3 +368,61 @@ class CudnnGraph(cudnn.CudnnAlgorithm):
         plan, ws = built
         plan.keep.append(graph)   # the descriptors the plan was built from live as long
         return plan, ws, {}
+
+
+def stacked_geometry(op, g):
+    """The geometry of ``op`` once the summed channels are stacked three times (tf32x3):
+    x's for the forward, y's for the input gradient."""
+    if op == "forward":
+        return replace(g, x_channels=3 * g.x_channels)
+    return replace(g, y_channels=3 * g.y_channels)
+
+
+class CudnnGraphTF32x3(CudnnGraph):
+    """cuDNN's TF32 tensor-core engines at float32 accuracy ("3xTF32", see gpu_blas).
+
+    The forward and the input gradient sum over one operand's channels and the
+    weight's matching axis.  Both operands are split into TF32 parts and stacked three
+    times along that axis, as ``[hi, lo, hi]`` and ``[hi, hi, lo]``: one TF32 convolution
+    over three times the channels then sums ``hi*hi + lo*hi + hi*lo`` in float32, the
+    two cross terms that one TF32 product drops.  cuDNN runs such convolutions on an
+    H200 far above its float32 rate; the split costs one pass over each operand.  One
+    group only, and sums of at most ``TF32X3_MAX_K`` products per output, as the other
+    tf32x3 algorithms (the weight gradient sums over the whole batch: not taken).
+    """
+
+    name = "cudnn_tf32x3"
+    fp32_math = "tf32x3"
+
+    @staticmethod
+    def gemm_k(op, g):
+        """Products per output: input channels x taps (forward), output channels x the
+        taps that reach one input position (input gradient)."""
+        if op == "forward":
+            return g.x_channels * g.taps
+        return g.y_channels * math.prod(-(-k // s) for k, s in zip(g.kernel, g.stride))
+
+    def supports(self, op, g, dtype):
+        if op == "backward_weight" or g.groups != 1 or np.dtype(dtype) != np.float32:
+            return False
+        from . import gpu_blas
+        if not gpu_blas.tf32x3_takes(dtype, self.gemm_k(op, g)):
+            return False
+        return super().supports(op, stacked_geometry(op, g), dtype)
+
+    def run(self, engine, op, a, b, g):
+        import cupy as cp
+        from . import gpu_blas
+        # forward: a = x (N, Cx, ...), b = w (Cy, Cx, ...); input gradient: a = gy (N, Cy, ...)
+        if 3 * (a.nbytes + b.nbytes) > engine.workspace_limit:
+            raise NotApplicable(f"{self.name}'s stacked operands exceed the workspace limit")
+        a3 = gpu_blas.stack_parts(a, 1, "hlh")                     # (N, 3C, ...)
+        w3 = gpu_blas.stack_parts(b, 1 if op == "forward" else 0, "hhl")
+        if op == "forward":
+            out = cp.empty(g.y_shape, dtype=a.dtype)
+            arrays = (a3, w3, out)
+        else:
+            out = cp.empty(g.x_shape, dtype=a.dtype)
+            arrays = (out, w3, a3)
+        self._launch(engine, cp, op, stacked_geometry(op, g), a.dtype, arrays, temps=(a3, w3))
+        return out

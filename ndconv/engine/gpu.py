@@ -5,6 +5,13 @@ calls nobody tuned; ``cudnn`` is one more candidate where installed).
 ``phases`` and ``space_to_batch`` rewrite a call and hand the rewritten call back to
 the engine, which picks (or tunes) the algorithm for it like for any other call.
 
+``cudnn_tf32x3``
+    cuDNN's TF32 tensor-core engines at float32 accuracy, for one-group float32
+    forwards and input gradients: both operands split into TF32 parts and stacked
+    three times along the summed channels (:mod:`.cudnn_graph`), so one TF32
+    convolution sums ``hi*hi + lo*hi + hi*lo``.  Measured on an H200: 0.43-0.73 of
+    PyTorch's float32 time on the suite's 3-D rows and strided transposed forwards;
+    slower where the call is memory bound (the stacked copies triple the reads).
 ``depthwise_rows``
     Stride-1 depthwise forward and input gradient with no shared memory
     (:mod:`ndconv.engine.gpu_depthwise`): each thread keeps a few rows of outputs in
@@ -60,7 +67,7 @@ from cupy.lib.stride_tricks import as_strided
 
 from . import autotune, gpu_blas, gpu_kernels, phases
 from .cudnn import Cudnn
-from .cudnn_graph import CudnnGraph
+from .cudnn_graph import CudnnGraph, CudnnGraphTF32x3
 from .cudnn import version as cudnn_version
 from .gpu_depthwise import DepthwiseRows, DepthwiseTiled
 from .gpu_plane import Plane
@@ -554,6 +561,7 @@ def pointwise(g):
 ALGORITHMS = Registry()
 ALGORITHMS.register(Cudnn())
 ALGORITHMS.register(CudnnGraph())
+ALGORITHMS.register(CudnnGraphTF32x3())
 ALGORITHMS.register(ImplicitGemm())
 ALGORITHMS.register(phases.Phases())
 ALGORITHMS.register(phases.SpaceToBatch())

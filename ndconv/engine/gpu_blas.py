@@ -258,6 +258,23 @@ def stack_b(b, blocks):
     return Stacked(data, blocks)
 
 
+def stack_parts(a, axis, order):
+    """``a`` (float32, C-ordered) with its TF32 parts as three blocks along ``axis``, in
+    ``order`` (``"hlh"`` or ``"hhl"``: hi, lo, hi or hi, hi, lo): shape ``a.shape`` with
+    ``axis`` three times as long.  A sum over that axis then carries two cross terms and
+    ``hi * hi`` once the other operand is stacked in the matching order."""
+    outer = math.prod(a.shape[:axis])
+    inner = a.size // max(outer, 1)
+    shape = a.shape[:axis] + (3 * a.shape[axis],) + a.shape[axis + 1:]
+    data = cp.empty(shape, np.float32)
+    h1, h2, lo = (0, 2, 1) if order == "hlh" else (0, 1, 2)
+    flat = a.reshape(outer, inner)                                   # (outer, axis * inner)
+    ptr = data.data.ptr
+    # two dims, float32: always within the stack kernel's reach
+    _stack(flat, ptr + 4 * inner * h1, ptr + 4 * inner * lo, (3 * inner, 1), inner * (h2 - h1))
+    return data
+
+
 def presplit(a, fp32_math):
     """``a`` split once, for an operand that several tf32x3 GEMMs share; else ``a`` itself."""
     return split(a) if uses_tf32x3(a.dtype, fp32_math) else a
