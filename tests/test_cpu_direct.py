@@ -215,3 +215,19 @@ def test_transposed_phases_cover_every_x_position_once():
             assert (idx[1] == 0).all()
             seen[idx] += 1
     assert (seen[:, 0] == 1).all() and (seen[:, 1:] == 0).all()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("groups,p,q,k,pad", [(1, 37, 20, 9, 11), (3, 5, 33, 4, 0), (2, 16, 16, 1, 16)])
+def test_weights_lay_out_the_kernel_for_tiles(dtype, groups, p, q, k, pad):
+    """cd.weights against NumPy's transposes: both layouts, a subset of the taps in any
+    order, zero padding past w's extent (the buffer starts as garbage)."""
+    w = rng.standard_normal((groups, p, q, k)).astype(dtype)
+    for swap, extent_a, extent_b in ((False, q, p), (True, p, q)):
+        for taps in (np.arange(k), np.arange(k)[::-1][::2].copy()):
+            out = np.full((groups, taps.size, extent_a, extent_b + pad), np.nan, dtype)
+            cd.weights(w, taps, swap, out)
+            want = np.zeros_like(out)
+            want[..., :extent_b] = (w[..., taps].transpose(0, 3, 1, 2) if swap
+                                    else w[..., taps].transpose(0, 3, 2, 1))
+            np.testing.assert_array_equal(out, want)

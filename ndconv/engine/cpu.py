@@ -39,6 +39,7 @@ im2col, the first output dim).  ``peak_temp_bytes`` records the largest seen.
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 import platform
@@ -592,8 +593,8 @@ class CPUEngine:
         xl = self._direct_pack(x, g.x_channels, g.x_size, g.pad_lo, need,
                                g.batch * math.prod(need) + 16 * g.stride[-1], np.arange(g.x_channels), dt)
         # (Cy, Cx/G, *k) -> (G, K, Cx/G, Cy/G), output channels padded with zeros
-        wl = cd.aligned_empty((ng, g.taps, cg, ygp), dt, zero=True)
-        wl[..., :yg] = np.asarray(w, dtype=dt).reshape(ng, yg, cg, g.taps).transpose(0, 3, 2, 1)
+        wl = cd.aligned_empty((ng, g.taps, cg, ygp), dt)
+        cd.weights(np.ascontiguousarray(w, dtype=dt).reshape(ng, yg, cg, g.taps), _all_taps(g.taps), False, wl)
         self._note(xl, wl)
         if not y.flags.c_contiguous:
             raise ValueError("direct: the output buffer must be C-contiguous")
@@ -612,15 +613,15 @@ class CPUEngine:
         grid = math.prod(need)
         xl = self._direct_pack(gy, g.y_channels, g.y_size, lo, need, g.batch * grid + 16,
                                np.arange(g.y_channels), dt)
-        wk = np.asarray(w, dtype=dt).reshape(ng, yg, cg, g.taps)
+        wk = np.ascontiguousarray(w, dtype=dt).reshape(ng, yg, cg, g.taps)
         if any(taps.size == 0 for _, taps, _ in parts):
             gx[...] = 0                                 # phases that no tap reaches
         for items, taps, offsets in parts:
             if taps.size == 0 or items.shape[0] == 0:
                 continue
             # (G, Cy/G, Cx/G, K) -> (G, T, Cy/G, Cx/G padded) for this phase's taps
-            wl = cd.aligned_empty((ng, taps.size, yg, ygp), dt, zero=True)
-            wl[..., :cg] = wk[..., taps].transpose(0, 3, 1, 2)
+            wl = cd.aligned_empty((ng, taps.size, yg, ygp), dt)
+            cd.weights(wk, taps, True, wl)
             self._note(xl, wl)
             seg = int(items[:, 2].max())
             pitch, per_job = self._direct_plan(items, seg, yg, ng, ygp, nv, tile_rows, dt)
@@ -953,6 +954,13 @@ def _to_unit_stride(x, w, g, dt):
         return x, w, g
     ws = None if w is None else phases.weight(np, w, g, dt)
     return phases.space_to_depth(np, x, g, dt), ws, phases.geometry(g)
+
+
+@functools.lru_cache(maxsize=16)
+def _all_taps(count):
+    taps = np.arange(count, dtype=np.int64)
+    taps.flags.writeable = False
+    return taps
 
 
 def _flipped_geometry(g):
