@@ -276,7 +276,7 @@ def test_float32_against_torch_float32(tcuda, gpu, alg):
         case = dict(kind="conv", x=(4, 8, 12, 12), w=(6, 4, 3, 2), dilation=(1, 2), padding=(2, 1), groups=2)
     if alg == "space_to_batch":
         case = dict(kind="conv", x=(4, 8, 12, 12), w=(6, 4, 3, 3), dilation=(2, 3), padding=2, groups=2)
-    if alg == "implicit_gemm":
+    if alg in ("implicit_gemm", "cudnn_tf32x3"):
         case = dict(kind="conv", x=(4, 8, 12, 11), w=(6, 8, 3, 3), stride=2, padding=1)
     g, x, w, b, gy = case_arrays(case, 7, "float32")
     with forced_where_supported(gpu, alg, g):
@@ -384,7 +384,12 @@ def check_primitives(g, seed, workspace_limit=None, dtype="float64"):
                 with pytest.raises(ValueError, match="does not support"):
                     run_primitive(eng, op, g, dev)
                 continue
-            got = run_primitive(eng, op, g, dev)
+            try:
+                got = run_primitive(eng, op, g, dev)
+            except RuntimeError as e:
+                # stacked copies of one sample's operands past a small workspace limit
+                assert workspace_limit is not None and alg == "cudnn_tf32x3" and "workspace limit" in str(e), e
+                continue
             assert isinstance(got, cp.ndarray) and got.dtype == np.dtype(dtype)
             assert eng.last_algorithm[op] == alg
             ref = run_primitive(cpu, op, g, f64)
@@ -930,7 +935,8 @@ def test_seed_001_functional_on_gpu(kw, expected):
         # the rewriting algorithms take only strided (phases) or dilated (space_to_batch)
         # calls, flat_gemm only unit strides: every other one must take every seed call
         if not ALGORITHMS.get(alg).supports("forward", g, np.float32):
-            assert alg in ("phases", "space_to_batch", "flat_gemm", "flat_tf32x3", "cudnn", "cudnn_graph"), alg
+            assert alg in ("phases", "space_to_batch", "flat_gemm", "flat_tf32x3", "cudnn", "cudnn_graph",
+                           "cudnn_tf32x3"), alg
             continue
         with get_engine(w).force(None, alg):
             y = F.conv2d(cp.asarray(_seed_data()), w, **args)

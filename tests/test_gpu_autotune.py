@@ -201,6 +201,16 @@ def test_cudnn_tf32x3_matches_cpu_at_float32_accuracy(g):
         check_forced_against_cpu("cudnn_tf32x3", op, g, "float32", host_arrays, dev, got)
     # the stacked copies of both operands count as temporaries
     assert eng.peak_temp_bytes >= 3 * (host_arrays[0].nbytes + host_arrays[1].nbytes)
+    # a limit that leaves room for one sample's copies: one cuDNN call per sample, same result
+    x, w, y = host_arrays
+    one = GPUEngine(algorithm="cudnn_tf32x3")
+    for op, a in (("forward", x), ("backward_input", y)):
+        one.workspace_limit = 2 * 3 * (a.nbytes // g.batch + w.nbytes) + 64
+        one.peak_temp_bytes = 0
+        got = cp.asnumpy(run(one, op, g, *dev)).astype(np.float64)
+        ref = run(CPUEngine(), op, g, *(v.astype(np.float64) for v in host_arrays))
+        assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < 1e-5, op
+        assert one.peak_temp_bytes <= one.workspace_limit
 
 
 def test_cudnn_tf32x3_takes_what_tf32x3_may_sum():

@@ -386,7 +386,8 @@ class CudnnGraphTF32x3(CudnnGraph):
     times along that axis, as ``[hi, lo, hi]`` and ``[hi, hi, lo]``: one TF32 convolution
     over three times the channels then sums ``hi*hi + lo*hi + hi*lo`` in float32, the
     two cross terms that one TF32 product drops.  cuDNN runs such convolutions on an
-    H200 far above its float32 rate; the split costs one pass over each operand.  One
+    H200 far above its float32 rate; the split costs one pass over each operand.  The
+    batch is cut into chunks whose stacked copies fit half the workspace limit.  One
     group only, and sums of at most ``TF32X3_MAX_K`` products per output, as the other
     tf32x3 algorithms (the weight gradient sums over the whole batch: not taken).
     """
@@ -414,15 +415,20 @@ class CudnnGraphTF32x3(CudnnGraph):
         import cupy as cp
         from . import gpu_blas
         # forward: a = x (N, Cx, ...), b = w (Cy, Cx, ...); input gradient: a = gy (N, Cy, ...)
-        if 3 * (a.nbytes + b.nbytes) > engine.workspace_limit:
-            raise NotApplicable(f"{self.name}'s stacked operands exceed the workspace limit")
-        a3 = gpu_blas.stack_parts(a, 1, "hlh")                     # (N, 3C, ...)
-        w3 = gpu_blas.stack_parts(b, 1 if op == "forward" else 0, "hhl")
-        if op == "forward":
-            out = cp.empty(g.y_shape, dtype=a.dtype)
-            arrays = (a3, w3, out)
+        per_sample = 3 * a.nbytes // g.batch
+        for share in (2, 1):   # samples per chunk: half the limit left to cuDNN where one fits
+            chunk = min(g.batch, (engine.workspace_limit // share - 3 * b.nbytes) // per_sample)
+            if chunk >= 1:
+                break
         else:
-            out = cp.empty(g.x_shape, dtype=a.dtype)
-            arrays = (out, w3, a3)
-        self._launch(engine, cp, op, stacked_geometry(op, g), a.dtype, arrays, temps=(a3, w3))
+            raise NotApplicable(f"{self.name}'s stacked operands exceed the workspace limit")
+        w3 = gpu_blas.stack_parts(b, 1 if op == "forward" else 0, "hhl")
+        out = cp.empty(g.y_shape if op == "forward" else g.x_shape, dtype=a.dtype)
+        for n0 in range(0, g.batch, chunk):
+            n1 = min(n0 + chunk, g.batch)
+            a3 = gpu_blas.stack_parts(a[n0:n1], 1, "hlh")          # (nb, 3C, ...)
+            arrays = (a3, w3, out[n0:n1]) if op == "forward" else (out[n0:n1], w3, a3)
+            self._launch(engine, cp, op, stacked_geometry(op, g.with_batch(n1 - n0)), a.dtype, arrays,
+                         temps=(a3, w3))
+            del a3
         return out
