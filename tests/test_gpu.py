@@ -276,7 +276,7 @@ def test_float32_against_torch_float32(tcuda, gpu, alg):
         case = dict(kind="conv", x=(4, 8, 12, 12), w=(6, 4, 3, 2), dilation=(1, 2), padding=(2, 1), groups=2)
     if alg == "space_to_batch":
         case = dict(kind="conv", x=(4, 8, 12, 12), w=(6, 4, 3, 3), dilation=(2, 3), padding=2, groups=2)
-    if alg in ("implicit_gemm", "cudnn_tf32x3"):
+    if alg in ("implicit_gemm", "implicit_tf32x3", "cudnn_tf32x3"):
         case = dict(kind="conv", x=(4, 8, 12, 11), w=(6, 8, 3, 3), stride=2, padding=1)
     g, x, w, b, gy = case_arrays(case, 7, "float32")
     with forced_where_supported(gpu, alg, g):
@@ -313,13 +313,15 @@ IMPLICIT_CASES = [
 ]
 
 
+@pytest.mark.parametrize("alg", ["implicit_gemm", "implicit_tf32x3"])
 @pytest.mark.parametrize("case", IMPLICIT_CASES, ids=lambda c: f"{c['kind']}-{c['x']}-{c['w']}")
-def test_implicit_gemm_vs_torch(tcuda, gpu, case):
+def test_implicit_gemm_vs_torch(tcuda, gpu, case, alg):
+    """Both kernels (CUDA cores; 3xTF32 on tensor cores) at float32 accuracy."""
     g, x, w, b, gy = case_arrays(case, 5, "float32")
-    with forced_where_supported(gpu, "implicit_gemm", g) as ops:
+    with forced_where_supported(gpu, alg, g) as ops:
         assert set(ops) == {"forward", "backward_input"}
         got = run_ndconv(case, *(cp.asarray(a) for a in (x, w, b, gy)))
-        ran = {op for op, name in gpu.last_algorithm.items() if name == "implicit_gemm"}
+        ran = {op for op, name in gpu.last_algorithm.items() if name == alg}
         assert ran == {"forward", "backward_input"}
         algorithms = dict(gpu.last_algorithm)
     ref = torch_reference(tcuda, case, x, w, b, gy, dtype="float32")
@@ -328,15 +330,16 @@ def test_implicit_gemm_vs_torch(tcuda, gpu, case):
 
 
 def test_implicit_gemm_is_the_untuned_choice_for_k_equal_s_transposed():
-    eng = GPUEngine()
     k2s2 = conv_transpose_geometry((2, 8, 6, 6), (8, 4, 2, 2), None, 2)[0]
-    assert eng.choose("backward_input", k2s2, np.float32).name == "implicit_gemm"
-    assert eng.choose("backward_input", k2s2, np.float16).name != "implicit_gemm"       # float32 only
     a = cp.asarray(np.random.default_rng(1).standard_normal(k2s2.y_shape), dtype=cp.float32)
     w = cp.asarray(np.random.default_rng(2).standard_normal(k2s2.w_shape), dtype=cp.float32)
-    first = eng.backward_input(a, w, k2s2)
-    assert eng.last_algorithm["backward_input"] == "implicit_gemm"
-    assert bool((eng.backward_input(a, w, k2s2) == first).all())                        # deterministic
+    tensor_cores = "implicit_tf32x3" if gpu_blas.has_tf32() else "implicit_gemm"
+    for eng, name in ((GPUEngine(), tensor_cores), (GPUEngine(fp32_math="ieee"), "implicit_gemm")):
+        assert eng.choose("backward_input", k2s2, np.float32).name == name
+        assert not eng.choose("backward_input", k2s2, np.float16).name.startswith("implicit")  # float32 only
+        first = eng.backward_input(a, w, k2s2)
+        assert eng.last_algorithm["backward_input"] == name
+        assert bool((eng.backward_input(a, w, k2s2) == first).all())                    # deterministic
 
 
 # ====================================================================== primitives vs the CPU engine

@@ -32,6 +32,9 @@ the engine, which picks (or tunes) the algorithm for it like for any other call.
     buffer) and writes its result straight to its place (:mod:`.gpu_implicit`); the
     input gradient runs one GEMM per stride phase.  The untuned choice for k = s
     transposed convolutions (one GEMM, the depth-to-space folded into its stores).
+``implicit_tf32x3``
+    The same kernel on the tensor cores at float32 accuracy (3xTF32); the untuned
+    choice for k = s transposed float32 calls on devices with TF32.
 ``phases``
     Strided calls as stride-1 calls over the input's phases (:mod:`.phases`); the
     untuned choice for strided transposed convolutions whose kernel is a multiple
@@ -562,6 +565,7 @@ ALGORITHMS = Registry()
 ALGORITHMS.register(Cudnn())
 ALGORITHMS.register(CudnnGraph())
 ALGORITHMS.register(CudnnGraphTF32x3())
+ALGORITHMS.register(ImplicitGemm("tf32x3"))
 ALGORITHMS.register(ImplicitGemm())
 ALGORITHMS.register(phases.Phases())
 ALGORITHMS.register(phases.SpaceToBatch())

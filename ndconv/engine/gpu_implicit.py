@@ -27,6 +27,14 @@ suite, 8.6 GFLOP each): 0.28-0.30 ms against cuDNN's 0.45-1.5 ms and ``phases``'
 8-deep k steps were 6% slower, one block per SM 20% slower.  Elsewhere (padded, strided
 3x3 calls) it loses to cuDNN and ``im2col_gemm`` and the autotuner passes it over.
 
+``implicit_tf32x3`` is the same kernel with the inner product on the tensor cores at
+float32 accuracy (3xTF32, see :mod:`.gpu_blas`): the tile rows are padded so that each
+warp's fragment reads hit 32 banks; 8 warps of 64 x 32 results each split their A and B
+fragments into TF32 hi and lo parts and issue ``mma.sync`` m16n8k8 for lo*hi, hi*lo and
+hi*hi; sums of at most ``TF32X3_MAX_K`` products.  Measured on an H200 (one process,
+CUDA events): the suite's k = s transposed forwards 0.25-0.27 ms against 0.33-0.38
+(``implicit_gemm``) and PyTorch's 0.50-0.54.
+
 float32 only (float16 goes to cuDNN's tensor cores; float64 is not a speed path), one
 group, flat indices below 2**31.  The planning half is NumPy, checked without a GPU.
 """
@@ -48,6 +56,28 @@ _SOURCE = r"""
 #define BM 128
 #define BN 128
 #define LOADS (BK / 2)
+#if TC
+// rows padded by 8 floats: a warp's fragment reads (4 k rows x 8 columns) hit 32 banks
+#define AP (BM + 8)
+#define BP (BN + 8)
+
+__device__ __forceinline__ void split_tf32(float x, unsigned& hi, unsigned& lo)
+{
+    asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(hi) : "f"(x));
+    asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(lo) : "f"(x - __uint_as_float(hi)));
+}
+
+__device__ __forceinline__ void mma_tf32(float* c, const unsigned* a, const unsigned* b)
+{
+    asm volatile("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 "
+                 "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+#else
+#define AP BM
+#define BP BN
+#endif
 
 __device__ __forceinline__ float b_at(const float* __restrict__ src, const int4* __restrict__ krow,
                                      int4 nc, int k, int K, bool b_in, int E0, int E1, int E2)
@@ -72,8 +102,8 @@ implicit_gemm(const float* __restrict__ a, const float* __restrict__ src, float*
               int E0, int E1, int E2, int kstride, long long src_sample, long long dst_sample,
               int Kd, int Md, int Nd)
 {
-    __shared__ __align__(16) float As[2][BK][BM];
-    __shared__ __align__(16) float Bs[2][BK][BN];
+    __shared__ __align__(16) float As[2][BK][AP];
+    __shared__ __align__(16) float Bs[2][BK][BP];
 #if DENSE_B
     // one GEMM per sample (blockIdx.z): the tables cover one sample
     src += blockIdx.z * src_sample;
@@ -119,11 +149,26 @@ implicit_gemm(const float* __restrict__ a, const float* __restrict__ src, float*
         Bs[buf][lrow + 2 * r][lcol] = rb[r];                                              \
     }
 
+#if TC
+    // 8 warps as 2 (m) x 4 (n), each 64 x 32 results: 4 x 4 tiles of m16n8, each tile's
+    // float32 sum takes lo*hi, hi*lo and hi*hi of its TF32 parts (3xTF32)
+    const int lane = tid & 31, warp = tid >> 5;
+    const int gid = lane >> 2, tig = lane & 3;
+    const int wm = (warp >> 2) * 64, wn = (warp & 3) * 32;
+    float acc[4][4][4];
+    #pragma unroll
+    for (int i = 0; i < 4; ++i)
+        #pragma unroll
+        for (int j = 0; j < 4; ++j)
+            #pragma unroll
+            for (int c = 0; c < 4; ++c) acc[i][j][c] = 0.f;
+#else
     float acc[8][8];
     #pragma unroll
     for (int i = 0; i < 8; ++i)
         #pragma unroll
         for (int j = 0; j < 8; ++j) acc[i][j] = 0.f;
+#endif
 
     LOAD_TILE(0);
     STORE_TILE(0);
@@ -132,6 +177,33 @@ implicit_gemm(const float* __restrict__ a, const float* __restrict__ src, float*
     for (int k0 = 0; k0 < K; k0 += BK) {
         const bool more = k0 + BK < K;
         if (more) { LOAD_TILE(k0 + BK); }
+#if TC
+        #pragma unroll
+        for (int kk = 0; kk < BK; kk += 8) {
+            unsigned bh[4][2], bl[4][2];
+            #pragma unroll
+            for (int ni = 0; ni < 4; ++ni) {
+                const int n = wn + ni * 8 + gid;
+                split_tf32(Bs[buf][kk + tig][n], bh[ni][0], bl[ni][0]);
+                split_tf32(Bs[buf][kk + tig + 4][n], bh[ni][1], bl[ni][1]);
+            }
+            #pragma unroll
+            for (int mi = 0; mi < 4; ++mi) {
+                const int m = wm + mi * 16 + gid;
+                unsigned ah[4], al[4];
+                split_tf32(As[buf][kk + tig][m], ah[0], al[0]);
+                split_tf32(As[buf][kk + tig][m + 8], ah[1], al[1]);
+                split_tf32(As[buf][kk + tig + 4][m], ah[2], al[2]);
+                split_tf32(As[buf][kk + tig + 4][m + 8], ah[3], al[3]);
+                #pragma unroll
+                for (int ni = 0; ni < 4; ++ni) {
+                    mma_tf32(acc[mi][ni], al, bh[ni]);
+                    mma_tf32(acc[mi][ni], ah, bl[ni]);
+                    mma_tf32(acc[mi][ni], ah, bh[ni]);
+                }
+            }
+        }
+#else
         #pragma unroll
         for (int kk = 0; kk < BK; ++kk) {
             const float4 a0 = *reinterpret_cast<const float4*>(&As[buf][kk][ty * 4]);
@@ -145,12 +217,38 @@ implicit_gemm(const float* __restrict__ a, const float* __restrict__ src, float*
                 #pragma unroll
                 for (int j = 0; j < 8; ++j) acc[i][j] = fmaf(av[i], bv[j], acc[i][j]);
         }
+#endif
         // the other buffer was last read before the previous barrier
         if (more) { STORE_TILE(buf ^ 1); }
         __syncthreads();
         buf ^= 1;
     }
 
+#if TC
+    // fragment c of tile (mi, ni): row gid + 8 (c / 2), column 2 tig + c % 2
+    int col[4][2];
+    #pragma unroll
+    for (int ni = 0; ni < 4; ++ni)
+        #pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            const int n = n0 + wn + ni * 8 + 2 * tig + h;
+            col[ni][h] = n < N ? ccol[n] : -1;
+        }
+    #pragma unroll
+    for (int mi = 0; mi < 4; ++mi)
+        #pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            const int m = m0 + wm + mi * 16 + gid + 8 * r;
+            if (m >= M) continue;
+            float* row = dst + mrow[m];
+            #pragma unroll
+            for (int ni = 0; ni < 4; ++ni)
+                #pragma unroll
+                for (int h = 0; h < 2; ++h)
+                    if (col[ni][h] >= 0) row[col[ni][h]] = acc[mi][ni][2 * r + h];
+        }
+}
+#else
     int col[8];
     #pragma unroll
     for (int j = 0; j < 8; ++j) {
@@ -167,11 +265,13 @@ implicit_gemm(const float* __restrict__ a, const float* __restrict__ src, float*
             if (col[j] >= 0) row[col[j]] = acc[i][j];
     }
 }
+#endif
 """
 
 
-def source(dense_b, bk=BK, min_blocks=2):
-    return f"#define DENSE_B {int(dense_b)}\n#define BK {bk}\n#define MIN_BLOCKS {min_blocks}\n" + _SOURCE
+def source(dense_b, bk=BK, min_blocks=2, tc=False):
+    return (f"#define DENSE_B {int(dense_b)}\n#define TC {int(tc)}\n#define BK {bk}\n"
+            f"#define MIN_BLOCKS {min_blocks}\n" + _SOURCE)
 
 
 # ------------------------------------------------------------------ planning (NumPy)
@@ -312,12 +412,29 @@ class ImplicitGemm(Algorithm):
     name = "implicit_gemm"
     deterministic = True
 
-    def __init__(self):
+    def __init__(self, fp32_math="ieee"):
         self._functions = {}
         self._plans = {}
+        self.fp32_math = fp32_math
+        if fp32_math == "tf32x3":       # the same GEMM on TF32 tensor cores (3xTF32)
+            self.name = "implicit_tf32x3"
+
+    @staticmethod
+    def gemm_k(op, g):
+        """The longest sum of one result: input channels x taps (forward), output channels
+        x the taps of one phase at most (input gradient)."""
+        if op == "forward":
+            return g.x_channels * g.taps
+        return g.y_channels * math.prod(-(-k * math.gcd(d, s) // s)
+                                        for k, s, d in zip(g.kernel, g.stride, g.dilation))
 
     def supports(self, op, g, dtype):
-        return np.dtype(dtype) == np.float32 and applies(op, g)
+        if np.dtype(dtype) != np.float32 or not applies(op, g):
+            return False
+        if self.fp32_math == "tf32x3":
+            from . import gpu_blas
+            return gpu_blas.tf32x3_takes(dtype, self.gemm_k(op, g))
+        return True
 
     def preferred(self, op, g, dtype):
         # k = s > 1 transposed convolutions: one GEMM with the depth-to-space in its stores
@@ -364,7 +481,8 @@ class ImplicitGemm(Algorithm):
         key = (cp.cuda.runtime.getDevice(), dense_b)
         fn = self._functions.get(key)
         if fn is None:
-            fn = self._functions[key] = cp.RawModule(code=source(dense_b)).get_function("implicit_gemm")
+            code = source(dense_b, tc=self.fp32_math == "tf32x3")
+            fn = self._functions[key] = cp.RawModule(code=code).get_function("implicit_gemm")
         return fn
 
     def run(self, engine, op, a, b, g):
