@@ -231,3 +231,43 @@ def test_weights_lay_out_the_kernel_for_tiles(dtype, groups, p, q, k, pad):
             want[..., :extent_b] = (w[..., taps].transpose(0, 3, 1, 2) if swap
                                     else w[..., taps].transpose(0, 3, 2, 1))
             np.testing.assert_array_equal(out, want)
+
+
+@pytest.mark.parametrize("size,kernel,stride,dilation,hi,c_in,c_out,groups", [
+    ((8, 6, 10), (2, 2, 2), 2, 1, 0, 13, 64, 1),     # k2s2 (t3d_unet's shape), 13 rows: tiles of 5, 4, 4
+    ((11, 9), (3, 2), (2, 3), (1, 2), 1, 34, 128, 2), # groups, dilation, a tail past the last window
+    ((23,), (4,), 3, 2, 0, 70, 150, 1),               # 1-D, column blocks and a narrower one
+    ((7, 7), (3, 3), 1, 1, 0, 30, 8, 1),              # stride 1, 8 columns (tiles of 16 rows)
+])
+def test_direct_weight_gradient_reads_unpadded_x_itself(monkeypatch, size, kernel, stride, dilation, hi,
+                                                        c_in, c_out, groups):
+    """Unpadded windows: the runs read x itself (channel pitch, rows not a multiple of the
+    tile's) and give the bits of the channels-last copy, and the reference."""
+    monkeypatch.setattr(cd, "GRADIENT_RUNS", True)
+    monkeypatch.setattr(cd, "GRADIENT_BYTES", 2 << 10)             # several runs per call
+    padding = tuple((0, hi) for _ in size)
+    g = geometry((2, c_in) + size, (c_out, c_in // groups) + kernel, stride=stride, padding=padding,
+                 dilation=dilation, groups=groups)
+    e = CPUEngine()
+    assert e._direct_unpadded(g)
+    import reference as ref
+    x, gy = rng.standard_normal(g.x_shape), rng.standard_normal(g.y_shape)
+    want = ref.conv_grad_weight(x, gy, g.w_shape, stride=stride, padding=padding, dilation=dilation, groups=groups)
+    for dtype, tol in ((np.float64, 1e-10), (np.float32, 1e-4)):
+        _, _, _, rows = e._direct_columns(g, np.dtype(dtype))
+        assert cd.gradient_tiles(c_in // groups, rows)
+        got = {}
+        for unpacked in (True, False):
+            monkeypatch.setattr(cd, "GRADIENT_UNPACKED", unpacked)
+            with e.force("direct"):
+                got[unpacked] = e.backward_weight(x.astype(dtype), gy.astype(dtype), g)
+        np.testing.assert_allclose(got[True], want, rtol=tol, atol=tol * np.abs(want).max())
+        np.testing.assert_array_equal(got[True], got[False])
+
+
+def test_direct_weight_gradient_unpacked_only_where_windows_lie_inside_x():
+    e = CPUEngine()
+    assert e._direct_unpadded(geometry((1, 4, 8, 8), (4, 4, 2, 2), stride=2))
+    assert not e._direct_unpadded(geometry((1, 4, 8, 8), (4, 4, 3, 3), stride=2, padding=1))
+    assert not e._direct_unpadded(geometry((1, 4, 8, 8), (4, 4, 3, 3), padding=((0, 1), (0, 0))))
+    assert cd.gradient_tiles(64, {6}) and cd.gradient_tiles(13, {6}) and not cd.gradient_tiles(3, {6})

@@ -637,14 +637,11 @@ class CPUEngine:
         ygp, cols, nv, tile_rows = self._direct_columns(g, dt)
         cgp = cd.round_up(cg, math.lcm(*tile_rows))
         _, items = cd.segments(g, cd.SEGMENT)
-        xcols = np.arange((ng - 1) * cg + cgp)
-        xl = self._direct_pack(x, g.x_channels, g.x_size, g.pad_lo, need, g.batch * math.prod(need),
-                               np.where(xcols < g.x_channels, xcols, -1), dt)
         ycols = np.full(ng * ygp, -1)
         ycols[cols] = np.arange(g.y_channels)
         gyl = self._direct_pack(gy, g.y_channels, g.y_size, (0,) * g.nd, g.y_size,
                                 g.batch * math.prod(g.y_size), ycols, dt)
-        positions = cd.GRADIENT_BYTES // ((xl.shape[1] + gyl.shape[1]) * dt.itemsize)
+        positions = cd.GRADIENT_BYTES // (((ng - 1) * cg + cgp + gyl.shape[1]) * dt.itemsize)
         chunk = max(1, positions // min(g.y_size[-1], cd.SEGMENT))
         # Few positions for gw's size (strided, small outputs): PARTS copies of gw to write
         # and sum cost more than a barrier per run (c2d_resnet_s2 0.84-0.90, t2d_dcgan_k4s2
@@ -653,18 +650,38 @@ class CPUEngine:
         runs = cd.GRADIENT_RUNS
         if runs is None:
             runs = part_bytes >= cd.RUNS_BYTES * g.batch * math.prod(g.y_size)
-        if runs:
+        # Unpadded windows read x itself (channel pitch x_size) rather than a channels-last
+        # copy: packing x was the largest cost of the k2s2 gradients (t3d_unet_k2s2 2.7 of ~9 ms).
+        unpacked = cd.GRADIENT_UNPACKED and runs and self._direct_unpadded(g) and cd.gradient_tiles(cg, tile_rows)
+        if unpacked:
+            x_pitch = [math.prod(g.x_size[i + 1:]) for i in range(g.nd)]
+            x_taps = np.array([sum(k * d * p for k, d, p in zip(tap, g.dilation, x_pitch))
+                               for tap in np.ndindex(*g.kernel)], dtype=np.int64)
+            src = cd.position_map(g.batch, need, g.x_size, (0,) * g.nd, g.x_channels, g.batch * math.prod(need))
             parts = cd.aligned_empty((1, g.taps, ng, cgp, ygp), dt)
-            self._note(xl, gyl, parts)
-            cd.weight_grad_runs(xl, gyl, offsets, parts[0], ng, cg, nv, items, g.stride[-1],
-                                cd.gradient_runs(items, chunk))
+            self._note(gyl, parts)
+            cd.weight_grad_unpacked(np.ascontiguousarray(x, dtype=dt).reshape(-1), math.prod(g.x_size), x_taps,
+                                    src[items[:, 0]], g.stride[-1], gyl, parts[0], ng, cg, nv, items,
+                                    cd.gradient_runs(items, chunk))
         else:
-            parts = cd.aligned_empty((cd.PARTS, g.taps, ng, cgp, ygp), dt)
+            xcols = np.arange((ng - 1) * cg + cgp)
+            xl = self._direct_pack(x, g.x_channels, g.x_size, g.pad_lo, need, g.batch * math.prod(need),
+                                   np.where(xcols < g.x_channels, xcols, -1), dt)
+            parts = cd.aligned_empty((1 if runs else cd.PARTS, g.taps, ng, cgp, ygp), dt)
             self._note(xl, gyl, parts)
-            cd.weight_grad(xl, gyl, offsets, parts, ng, cg, nv, items, g.stride[-1], chunk)
+            if runs:
+                cd.weight_grad_runs(xl, gyl, offsets, parts[0], ng, cg, nv, items, g.stride[-1],
+                                    cd.gradient_runs(items, chunk))
+            else:
+                cd.weight_grad(xl, gyl, offsets, parts, ng, cg, nv, items, g.stride[-1], chunk)
         gw = np.empty((ng, yg, cg, g.taps), dtype=dt)                 # (G, Cy/G, Cx/G, K)
         cd.sum_parts(parts, cg, yg, gw)
         return gw.reshape(g.w_shape)
+
+    @staticmethod
+    def _direct_unpadded(g):
+        """Whether every window lies inside x (no padding read): the weight gradient may read x itself."""
+        return not any(g.pad_lo) and all(n <= s for n, s in zip(need_extent(g), g.x_size))
 
     # ------------------------------------------------------------ depthwise: compiled loops
 

@@ -65,6 +65,7 @@ GRADIENT_BYTES = 256 << 10         # rows of x and gy one weight-gradient tile c
 JOBS = 32                          # weight gradient by runs: jobs per run at least (rows split in halves)
 GRADIENT_RUNS = None               # weight gradient by runs (True), by parts (False), or by the rule below (None)
 RUNS_BYTES = 128                   # ... by runs when PARTS copies of gw take this many bytes per position or more
+GRADIENT_UNPACKED = True           # weight gradient by runs reading x itself where unpadded and the tiles fit
 
 
 def lanes(dtype):
@@ -340,6 +341,45 @@ if AVAILABLE:
                           xf, offsets[t] * ldx + j * cg + i0, 1, s_last * ldx,
                           yf, j * ygp + n0, ldy, n, rows_a, rows_b, r > 0)
 
+    @njit(parallel=True, fastmath=True, cache=True)
+    def weight_grad_unpacked(x, plane, x_taps, x_rows, s_last, gyl, gw, groups, cg, nv, items, runs):
+        """``weight_grad_runs`` reading x itself (flat, unpadded windows) instead of a
+        channels-last copy: output q of segment m, tap t, channel c reads
+        ``x[x_rows[m] + x_taps[t] + c*plane + q*s_last]``.  The cg rows of gw (of cgp) go
+        in tiles of MR_FOR[nv] rows or up to SHORT fewer (``gradient_tiles`` checks they
+        fit); each element gets its sums in the order of ``weight_grad_runs``, so the same
+        bits.  A tile's rows are broadcasts from cg planes of x, each line of which serves
+        16 / s_last outputs.
+        """
+        taps, cgp, ygp = gw.shape[0], gw.shape[2], gw.shape[3]
+        ldy = gyl.shape[1]
+        yf = gyl.reshape(-1)
+        out = gw.reshape(-1)
+        width = nv * (VECTOR_BYTES // gyl.itemsize)
+        blocks = (ygp + width - 1) // width
+        split = 1
+        while taps * groups * blocks * split < JOBS and cg // (2 * split) >= 2 * MR_FOR[nv]:
+            split *= 2
+        if runs.shape[0] == 0:
+            out[:] = 0
+        for r in range(runs.shape[0]):
+            m, m1 = runs[r, 0], runs[r, 1]
+            n = items[m, 2]
+            rows_a = x_rows[m:m1]
+            rows_b = items[m:m1, 1] * ldy
+            for job in prange(taps * groups * blocks * split):
+                t, rest = job // (groups * blocks * split), job % (groups * blocks * split)
+                j, rest = rest // (blocks * split), rest % (blocks * split)
+                n0, h = (rest // split) * width, rest % split
+                v, mr = _columns(nv, ygp, n0, width)
+                tiles = (cg + mr - 1) // mr          # of base or base + 1 rows
+                base, extra = cg // tiles, cg % tiles
+                for q in range(h * tiles // split, (h + 1) * tiles // split):
+                    i0, mq = q * base + min(q, extra), base + (1 if q < extra else 0)
+                    _tile(v, mq, out, ((t * groups + j) * cgp + i0) * ygp + n0, ygp,
+                          x, x_taps[t] + (j * cg + i0) * plane, plane, s_last,
+                          yf, j * ygp + n0, ldy, n, rows_a, rows_b, r > 0)
+
     @njit(parallel=True, cache=True)
     def sum_parts(gw, cg, yg, out):
         """out[j, col, i, t] = sum over p in order of gw[p, t, j, i, col] (i < cg, col < yg)."""
@@ -352,6 +392,12 @@ if AVAILABLE:
                     for p in range(1, parts):
                         acc += gw[p, t, j, i, col]
                     out[j, col, i, t] = acc
+
+
+def gradient_tiles(rows, tile_rows):
+    """Whether ``rows`` rows cut into tiles of mr or up to SHORT fewer for every mr of
+    ``tile_rows`` (weight_grad_unpacked's tiles over gw's cg rows)."""
+    return all(rows // -(-rows // mr) >= mr - SHORT for mr in tile_rows)
 
 
 def round_up(n, m):
