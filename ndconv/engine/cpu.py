@@ -576,10 +576,12 @@ class CPUEngine:
         pitch = max(cd.round_up(seg, r) for r in tile_rows)
         # jobs: runs of segments whose rows of xl (stride: positions per output) fit
         # BLOCK_BYTES, times groups and column blocks; at least 8 per thread where there
-        # are enough segments
+        # are enough segments.  Strided: STRIDED_BLOCK_BYTES and at least 16 per thread
+        # (t3d_k4s2p1's 256 rows in 19 jobs lost 5% to the imbalance).
         blocks = -(-ygp // (nv * cd.lanes(dt))) * groups
-        per_job = max(1, cd.BLOCK_BYTES // (pitch * stride * cg * dt.itemsize))
-        return pitch, max(1, min(per_job, len(items) * blocks // (8 * _threads())))
+        block, least = (cd.BLOCK_BYTES, 8) if stride == 1 else (cd.STRIDED_BLOCK_BYTES, 16)
+        per_job = max(1, block // (pitch * stride * cg * dt.itemsize))
+        return pitch, max(1, min(per_job, len(items) * blocks // (least * _threads())))
 
     def _forward_direct(self, x, w, g, dt, y):
         """y = conv(x, w), any stride: cpu_direct's register tiles over channels-last rows."""

@@ -58,6 +58,10 @@ MR_FOR = (0, 16, 12, 8, 6)        # rows per tile for nv = 1..4 vectors of colum
 SHORT = 2                          # a forward tile may take up to this many rows fewer (no tail waste)
 PARTS = 4                          # fixed position ranges of the weight gradient
 BLOCK_BYTES = 128 << 10            # rows of xl one forward job covers at most (measured 32-512 KiB)
+# ... when strided: a job re-reads its weights, which serve fewer outputs per row of xl (the
+# kernel's time at 128 KiB: c2d_resnet_s2 1.04x, t2d_dcgan_k4s2 1.11x, t3d_k4s2p1 1.01x; at
+# 256 KiB stride 1 lost 5% on c2d_resnet3x3 and c3d_unet)
+STRIDED_BLOCK_BYTES = 256 << 10
 SEGMENT = 384                      # outputs of a row per segment at most
 WEIGHT_BYTES = 128 << 10           # weights one forward pass over a job's tiles reads (measured 48-448 KiB)
 TAP_BYTES = 16 << 10               # weight rows of one tap in a chunk: L1 keeps the tile's x rows across taps
