@@ -56,6 +56,9 @@ except ImportError:  # the engine falls back to its BLAS paths
 AVAILABLE = numba is not None
 MR_FOR = (0, 16, 12, 8, 6)        # rows per tile for nv = 1..4 vectors of columns (measured)
 SHORT = 2                          # a forward tile may take up to this many rows fewer (no tail waste)
+# ... per vector count: 2 vectors (12 rows) also as 8 or 9, so that a row of 16 outputs is two
+# tiles, not 24 rows (t3d_k4s2p1's input gradient: 32 channels, phases of 16 x 16 x 16)
+SHORT_FOR = (0, SHORT, 4, SHORT, SHORT)
 PARTS = 4                          # fixed position ranges of the weight gradient
 BLOCK_BYTES = 128 << 10            # rows of xl one forward job covers at most (measured 32-512 KiB)
 # ... when strided: a job re-reads its weights, which serve fewer outputs per row of xl (the
@@ -125,8 +128,9 @@ if AVAILABLE:
             return sig, codegen
         return tile
 
-    # every (vectors, rows) shape a tile call may take: MR_FOR[nv] rows, or up to SHORT fewer
-    _TILES = {(nv, mr): _make_tile(mr, nv) for nv in (1, 2, 3, 4) for mr in range(MR_FOR[nv] - SHORT, MR_FOR[nv] + 1)}
+    # every (vectors, rows) shape a tile call may take: MR_FOR[nv] rows, or up to SHORT_FOR[nv] fewer
+    _TILES = {(nv, mr): _make_tile(mr, nv) for nv in (1, 2, 3, 4)
+              for mr in range(MR_FOR[nv] - SHORT_FOR[nv], MR_FOR[nv] + 1)}
     _ARGS = "c, c_off, ldc, a, a_off, a_rs, a_cs, b, b_off, b_rs, k_len, toff_a, toff_b, accumulate"
 
     def _dispatcher():
@@ -230,7 +234,7 @@ if AVAILABLE:
                     # tiles of mr rows, the last one computing rows past n (dropped)
                     t = (n + mr - 1) // mr
                     base = n // t
-                    if base < mr - SHORT:
+                    if base < mr - SHORT_FOR[v]:
                         base = mr
                     extra = max(0, n - base * t)
                     p = 0
