@@ -139,10 +139,11 @@ def test_direct_weight_gradient_by_runs_for_few_positions():
     assert cd.PARTS * 9 * cgp * ygp * 4 >= cd.RUNS_BYTES * 8 * 14 * 14
 
 
-@pytest.mark.parametrize("runs", [False, True])
-def test_direct_weight_gradient_does_not_depend_on_threads(monkeypatch, runs):
+@pytest.mark.parametrize("runs,padding,stride", [(False, 1, 1), (True, 1, 1), (True, 0, 2)])
+def test_direct_weight_gradient_does_not_depend_on_threads(monkeypatch, runs, padding, stride):
+    """By parts, by runs, and by runs reading x itself (unpadded)."""
     monkeypatch.setattr(cd, "GRADIENT_RUNS", runs)
-    g = geometry((2, 24, 30, 30), (32, 24, 3, 3), padding=1)
+    g = geometry((2, 24, 30, 30), (32, 24, 3, 3), padding=padding, stride=stride)
     x, gy = rng.standard_normal(g.x_shape).astype(np.float32), rng.standard_normal(g.y_shape).astype(np.float32)
     e = CPUEngine()
 
