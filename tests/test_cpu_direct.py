@@ -139,9 +139,9 @@ def test_direct_weight_gradient_by_runs_for_few_positions():
     assert cd.PARTS * 9 * cgp * ygp * 4 >= cd.RUNS_BYTES * 8 * 14 * 14
 
 
-@pytest.mark.parametrize("runs,padding,stride", [(False, 1, 1), (True, 1, 1), (True, 0, 2)])
+@pytest.mark.parametrize("runs,padding,stride", [(False, 1, 1), (True, 1, 1), (False, 0, 2), (True, 0, 2)])
 def test_direct_weight_gradient_does_not_depend_on_threads(monkeypatch, runs, padding, stride):
-    """By parts, by runs, and by runs reading x itself (unpadded)."""
+    """By parts and by runs, from a copy of x or (unpadded) from x itself."""
     monkeypatch.setattr(cd, "GRADIENT_RUNS", runs)
     g = geometry((2, 24, 30, 30), (32, 24, 3, 3), padding=padding, stride=stride)
     x, gy = rng.standard_normal(g.x_shape).astype(np.float32), rng.standard_normal(g.y_shape).astype(np.float32)
@@ -242,11 +242,12 @@ def test_weights_lay_out_the_kernel_for_tiles(dtype, groups, p, q, k, pad):
     ((23,), (4,), 3, 2, 0, 70, 150, 1),               # 1-D, column blocks and a narrower one
     ((7, 7), (3, 3), 1, 1, 0, 30, 8, 1),              # stride 1, 8 columns (tiles of 16 rows)
 ])
-def test_direct_weight_gradient_reads_unpadded_x_itself(monkeypatch, size, kernel, stride, dilation, hi,
+@pytest.mark.parametrize("runs", [True, False])
+def test_direct_weight_gradient_reads_unpadded_x_itself(monkeypatch, runs, size, kernel, stride, dilation, hi,
                                                         c_in, c_out, groups):
-    """Unpadded windows: the runs read x itself (channel pitch, rows not a multiple of the
-    tile's) and give the bits of the channels-last copy, and the reference."""
-    monkeypatch.setattr(cd, "GRADIENT_RUNS", True)
+    """Unpadded windows: both schemes read x itself (channel pitch, rows not a multiple of
+    the tile's) and give the bits of the channels-last copy, and the reference."""
+    monkeypatch.setattr(cd, "GRADIENT_RUNS", runs)
     monkeypatch.setattr(cd, "GRADIENT_BYTES", 2 << 10)             # several runs per call
     padding = tuple((0, hi) for _ in size)
     g = geometry((2, c_in) + size, (c_out, c_in // groups) + kernel, stride=stride, padding=padding,

@@ -654,17 +654,21 @@ class CPUEngine:
             runs = part_bytes >= cd.RUNS_BYTES * g.batch * math.prod(g.y_size)
         # Unpadded windows read x itself (channel pitch x_size) rather than a channels-last
         # copy: packing x was the largest cost of the k2s2 gradients (t3d_unet_k2s2 2.7 of ~9 ms).
-        unpacked = cd.GRADIENT_UNPACKED and runs and self._direct_unpadded(g) and cd.gradient_tiles(cg, tile_rows)
+        unpacked = cd.GRADIENT_UNPACKED and self._direct_unpadded(g) and cd.gradient_tiles(cg, tile_rows)
         if unpacked:
             x_pitch = [math.prod(g.x_size[i + 1:]) for i in range(g.nd)]
             x_taps = np.array([sum(k * d * p for k, d, p in zip(tap, g.dilation, x_pitch))
                                for tap in np.ndindex(*g.kernel)], dtype=np.int64)
             src = cd.position_map(g.batch, need, g.x_size, (0,) * g.nd, g.x_channels, g.batch * math.prod(need))
-            parts = cd.aligned_empty((1, g.taps, ng, cgp, ygp), dt)
+            parts = cd.aligned_empty((1 if runs else cd.PARTS, g.taps, ng, cgp, ygp), dt)
             self._note(gyl, parts)
-            cd.weight_grad_unpacked(np.ascontiguousarray(x, dtype=dt).reshape(-1), math.prod(g.x_size), x_taps,
-                                    src[items[:, 0]], g.stride[-1], gyl, parts[0], ng, cg, nv, items,
-                                    cd.gradient_runs(items, chunk))
+            xf, plane = np.ascontiguousarray(x, dtype=dt).reshape(-1), math.prod(g.x_size)
+            if runs:
+                cd.weight_grad_unpacked(xf, plane, x_taps, src[items[:, 0]], g.stride[-1], gyl, parts[0],
+                                        ng, cg, nv, items, cd.gradient_runs(items, chunk))
+            else:
+                cd.weight_grad_parts_unpacked(xf, plane, x_taps, src[items[:, 0]], g.stride[-1], gyl, parts,
+                                              ng, cg, nv, items, chunk)
         else:
             xcols = np.arange((ng - 1) * cg + cgp)
             xl = self._direct_pack(x, g.x_channels, g.x_size, g.pad_lo, need, g.batch * math.prod(need),

@@ -72,7 +72,7 @@ GRADIENT_BYTES = 256 << 10         # rows of x and gy one weight-gradient tile c
 JOBS = 32                          # weight gradient by runs: jobs per run at least (rows split in halves)
 GRADIENT_RUNS = None               # weight gradient by runs (True), by parts (False), or by the rule below (None)
 RUNS_BYTES = 128                   # ... by runs when PARTS copies of gw take this many bytes per position or more
-GRADIENT_UNPACKED = True           # weight gradient by runs reading x itself where unpadded and the tiles fit
+GRADIENT_UNPACKED = True           # weight gradient reading x itself where unpadded and the tiles fit
 
 
 def lanes(dtype):
@@ -291,6 +291,42 @@ if AVAILABLE:
                             for i0 in range(0, cgp, mr):
                                 _tile(v, mr, out, ((t * groups + j) * cgp + i0) * ygp + n0, ygp,
                                       xf, offsets[t] * ldx + j * cg + i0, 1, s_last * ldx,
+                                      yf, j * ygp + n0, ldy, n, rows_a, rows_b, m > first)
+                m = m1
+
+    @njit(parallel=True, fastmath=True, cache=True)
+    def weight_grad_parts_unpacked(x, plane, x_taps, x_rows, s_last, gyl, gw, groups, cg, nv, items, chunk):
+        """``weight_grad`` reading x itself as ``weight_grad_unpacked`` does (rows of gw
+        i < cg in tiles of MR_FOR[nv] or up to SHORT fewer rows): the same bits as the copy."""
+        parts, taps, cgp, ygp = gw.shape[0], gw.shape[1], gw.shape[3], gw.shape[4]
+        ldy = gyl.shape[1]
+        yf = gyl.reshape(-1)
+        width = nv * (VECTOR_BYTES // gyl.itemsize)
+        count = items.shape[0]
+        per = (count + parts - 1) // parts
+        for part in prange(parts):
+            out = gw[part].reshape(-1)
+            m, end = part * per, min(count, part * per + per)
+            if m >= end:
+                out[:] = 0
+            first = m
+            while m < end:
+                n = items[m, 2]
+                m1 = m + 1
+                while m1 < end and m1 - m < chunk and items[m1, 2] == n:
+                    m1 += 1
+                rows_a = x_rows[m:m1]
+                rows_b = items[m:m1, 1] * ldy
+                for t in range(taps):
+                    for j in range(groups):
+                        for n0 in range(0, ygp, width):
+                            v, mr = _columns(nv, ygp, n0, width)
+                            tiles = (cg + mr - 1) // mr          # of base or base + 1 rows
+                            base, extra = cg // tiles, cg % tiles
+                            for q in range(tiles):
+                                i0, mq = q * base + min(q, extra), base + (1 if q < extra else 0)
+                                _tile(v, mq, out, ((t * groups + j) * cgp + i0) * ygp + n0, ygp,
+                                      x, x_taps[t] + (j * cg + i0) * plane, plane, s_last,
                                       yf, j * ygp + n0, ldy, n, rows_a, rows_b, m > first)
                 m = m1
 
