@@ -20,13 +20,13 @@ def geometry(x_shape, w_shape, **kw):
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("nv", [1, 2, 3, 4])
-@pytest.mark.parametrize("short", range(max(cd.SHORT_FOR) + 1))
+@pytest.mark.parametrize("short", range(-max(cd.LONG_FOR), max(cd.SHORT_FOR) + 1))
 @pytest.mark.parametrize("accumulate", [0, 1])
 def test_tile_is_a_strided_multiply_add_over_taps(dtype, nv, short, accumulate):
     """c[i, n] (+)= sum_t sum_k a[t-offset + i*a_rs + k*a_cs] * b[t-offset + k*b_rs + n], for
-    every tile shape (MR_FOR[nv] rows, or up to SHORT_FOR[nv] fewer)."""
+    every tile shape (MR_FOR[nv] rows, up to SHORT_FOR[nv] fewer or LONG_FOR[nv] more)."""
     from numba import njit
-    if short > cd.SHORT_FOR[nv]:
+    if short > cd.SHORT_FOR[nv] or -short > cd.LONG_FOR[nv]:
         pytest.skip("no such tile")
     mr, width, k_len = cd.MR_FOR[nv] - short, nv * cd.lanes(dtype), 5
     a = rng.standard_normal(4000).astype(dtype)
@@ -285,5 +285,18 @@ def test_direct_weight_gradient_unpacked_only_where_windows_lie_inside_x():
 def test_direct_two_vector_tiles_of_8_and_9_rows(x_shape, w_shape, stride, padding):
     """Rows of 16-17 outputs into 2 vectors of channels go as two tiles of 8-9 rows (SHORT_FOR)."""
     assert 16 // 2 >= cd.MR_FOR[2] - cd.SHORT_FOR[2]
+    g = geometry(x_shape, w_shape, stride=stride, padding=padding)
+    assert check_against_reference(CPUEngine(), g, dict(stride=stride, padding=padding), x_shape[2:]) == 3
+
+
+@pytest.mark.parametrize("x_shape,w_shape,stride,padding", [
+    ((2, 8, 3, 28), (64, 8, 3, 3), 2, 1),      # forward rows of 14 outputs: two tiles of 7
+    ((1, 5, 2, 13), (70, 5, 1, 3), 1, (0, 1)), # rows of 13 (7 + 6), a narrower column block
+    ((1, 64, 3, 28), (8, 64, 3, 3), 2, 1),     # input gradient: phases of 14 into 64 channels
+    ((2, 6, 4, 7), (64, 6, 2, 2), 1, 0),       # rows of 6 outputs: a single tile of 6
+])
+def test_direct_four_vector_tiles_of_7_rows(x_shape, w_shape, stride, padding):
+    """Rows of 13-14 outputs into 4 vectors of channels go as two tiles of 6-7 rows (LONG_FOR)."""
+    assert cd.LONG_FOR[4] == 1
     g = geometry(x_shape, w_shape, stride=stride, padding=padding)
     assert check_against_reference(CPUEngine(), g, dict(stride=stride, padding=padding), x_shape[2:]) == 3

@@ -59,6 +59,10 @@ SHORT = 2                          # a forward tile may take up to this many row
 # ... per vector count: 2 vectors (12 rows) also as 8 or 9, so that a row of 16 outputs is two
 # tiles, not 24 rows (t3d_k4s2p1's input gradient: 32 channels, phases of 16 x 16 x 16)
 SHORT_FOR = (0, SHORT, 4, SHORT, SHORT)
+# ... and up to this many rows more, where that takes at most 2/3 of the tiles: 4 vectors by
+# 7 rows make a row of 13-14 outputs two tiles, not three (c2d_resnet_s2's 14 x 14: forward
+# 0.94x; rows of 56 as 7-row tiles were 1.09x slower than as 6 and 5)
+LONG_FOR = (0, 0, 0, 0, 1)
 PARTS = 4                          # fixed position ranges of the weight gradient
 BLOCK_BYTES = 128 << 10            # rows of xl one forward job covers at most (measured 32-512 KiB)
 # ... when strided: a job re-reads its weights, which serve fewer outputs per row of xl (the
@@ -128,9 +132,10 @@ if AVAILABLE:
             return sig, codegen
         return tile
 
-    # every (vectors, rows) shape a tile call may take: MR_FOR[nv] rows, or up to SHORT_FOR[nv] fewer
+    # every (vectors, rows) shape a tile call may take: MR_FOR[nv] rows, up to SHORT_FOR[nv] fewer
+    # or LONG_FOR[nv] more
     _TILES = {(nv, mr): _make_tile(mr, nv) for nv in (1, 2, 3, 4)
-              for mr in range(MR_FOR[nv] - SHORT_FOR[nv], MR_FOR[nv] + 1)}
+              for mr in range(MR_FOR[nv] - SHORT_FOR[nv], MR_FOR[nv] + LONG_FOR[nv] + 1)}
     _ARGS = "c, c_off, ldc, a, a_off, a_rs, a_cs, b, b_off, b_rs, k_len, toff_a, toff_b, accumulate"
 
     def _dispatcher():
@@ -237,6 +242,10 @@ if AVAILABLE:
                     if base < mr - SHORT_FOR[v]:
                         base = mr
                     extra = max(0, n - base * t)
+                    longer = (n + mr + LONG_FOR[v] - 1) // (mr + LONG_FOR[v])
+                    if 3 * longer <= 2 * t:
+                        t = longer
+                        base, extra = n // t, n % t
                     p = 0
                     for q in range(t):
                         r = base + 1 if q < extra else base
