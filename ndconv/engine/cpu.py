@@ -618,13 +618,21 @@ class CPUEngine:
         wk = np.ascontiguousarray(w, dtype=dt).reshape(ng, yg, cg, g.taps)
         if any(taps.size == 0 for _, taps, _ in parts):
             gx[...] = 0                                 # phases that no tap reaches
-        for items, taps, offsets in parts:
-            if taps.size == 0 or items.shape[0] == 0:
-                continue
+        used = [part for part in parts if part[1].size and part[0].shape[0]]
+        if ng == 1 and used:
+            # one group: every phase's kernel in one pass over w, whose lines each hold all the
+            # taps of a channel pair (a pass per phase: t2d_dcgan_k4s2 1.4-2.4 ms in all)
+            wall = cd.aligned_empty((1, sum(taps.size for _, taps, _ in used), yg, ygp), dt)
+            cd.weights(wk, np.concatenate([taps for _, taps, _ in used]), True, wall)
+        first = 0
+        for items, taps, offsets in used:
             # (G, Cy/G, Cx/G, K) -> (G, T, Cy/G, Cx/G padded) for this phase's taps
-            wl = cd.aligned_empty((ng, taps.size, yg, ygp), dt)
-            cd.weights(wk, taps, True, wl)
-            self._note(xl, wl)
+            if ng == 1:
+                wl, first = wall[:, first:first + taps.size], first + taps.size
+            else:
+                wl = cd.aligned_empty((ng, taps.size, yg, ygp), dt)
+                cd.weights(wk, taps, True, wl)
+            self._note(xl, wall if ng == 1 else wl)
             seg = int(items[:, 2].max())
             pitch, per_job = self._direct_plan(items, seg, yg, ng, ygp, nv, tile_rows, dt)
             kc = cd.forward_chunk(yg, taps.size, nv)
