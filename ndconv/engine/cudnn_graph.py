@@ -22,7 +22,6 @@ the summed channels so that the result keeps float32 accuracy.
 from __future__ import annotations
 
 import ctypes
-import math
 from dataclasses import replace
 
 import numpy as np
@@ -397,17 +396,15 @@ class CudnnGraphTF32x3(CudnnGraph):
 
     @staticmethod
     def gemm_k(op, g):
-        """Products per output: input channels x taps (forward), output channels x the
-        taps that reach one input position (input gradient)."""
-        if op == "forward":
-            return g.x_channels * g.taps
-        return g.y_channels * math.prod(-(-k // s) for k, s in zip(g.kernel, g.stride))
+        """Products per output (``gpu_blas.conv_sum_length``)."""
+        from . import gpu_blas
+        return gpu_blas.conv_sum_length(op, g)
 
     def supports(self, op, g, dtype):
         if op == "backward_weight" or g.groups != 1 or np.dtype(dtype) != np.float32:
             return False
         from . import gpu_blas
-        if not gpu_blas.tf32x3_takes(dtype, self.gemm_k(op, g)):
+        if not gpu_blas.tf32x3_takes(dtype, gpu_blas.conv_sum_length(op, g)):
             return False
         return super().supports(op, stacked_geometry(op, g), dtype)
 

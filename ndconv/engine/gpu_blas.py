@@ -119,6 +119,15 @@ def tf32x3_takes(dtype, k):
     return uses_tf32x3(dtype, "tf32x3") and k <= TF32X3_MAX_K
 
 
+def conv_sum_length(op, g):
+    """Products summed into one result of a one-group convolution computed directly (no
+    col2im): input channels x taps (forward), output channels x the most taps one
+    stride phase of the input gradient reaches (taps t with d*t = r mod s)."""
+    if op == "forward":
+        return g.x_channels * g.taps
+    return g.y_channels * math.prod(-(-k * math.gcd(d, s) // s) for k, s, d in zip(g.kernel, g.stride, g.dilation))
+
+
 def uses_tf32x3(dtype, fp32_math):
     """Whether a GEMM of this dtype under this setting runs as three TF32 GEMMs."""
     return fp32_math == "tf32x3" and np.dtype(dtype) == np.float32 and has_tf32()

@@ -419,21 +419,12 @@ class ImplicitGemm(Algorithm):
         if fp32_math == "tf32x3":       # the same GEMM on TF32 tensor cores (3xTF32)
             self.name = "implicit_tf32x3"
 
-    @staticmethod
-    def gemm_k(op, g):
-        """The longest sum of one result: input channels x taps (forward), output channels
-        x the taps of one phase at most (input gradient)."""
-        if op == "forward":
-            return g.x_channels * g.taps
-        return g.y_channels * math.prod(-(-k * math.gcd(d, s) // s)
-                                        for k, s, d in zip(g.kernel, g.stride, g.dilation))
-
     def supports(self, op, g, dtype):
         if np.dtype(dtype) != np.float32 or not applies(op, g):
             return False
         if self.fp32_math == "tf32x3":
             from . import gpu_blas
-            return gpu_blas.tf32x3_takes(dtype, self.gemm_k(op, g))
+            return gpu_blas.tf32x3_takes(dtype, gpu_blas.conv_sum_length(op, g))
         return True
 
     def preferred(self, op, g, dtype):
