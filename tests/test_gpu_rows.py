@@ -53,7 +53,8 @@ def test_rows_plan_covers_every_output_and_declines():
                 assert p.blocks * c["NT"] >= threads > (p.blocks - 1) * c["NT"]
                 assert p.vec4 == (dtype == "float32" and c["XX"] % 4 == 0 and c["YX"] % 4 == 0)
     dw = ROWS_GEOMETRIES[0]
-    assert rows_plan("backward_weight", dw, "float32") is None
+    assert rows_plan("backward_weight", dw, "float64") is None                     # lanes only
+    assert rows_plan("backward_weight", ROWS_GEOMETRIES[1], "float32") is None     # not float4 rows
     strided = geometry((2, 4, 8, 8), (4, 1, 3, 3), stride=2, padding=1, groups=4)
     dense = geometry((2, 4, 8, 8), (8, 2, 3, 3), padding=1, groups=2)
     assert rows_plan("forward", strided, "float32") is None and rows_plan("forward", dense, "float32") is None
@@ -68,6 +69,52 @@ def test_rows_plan_covers_every_output_and_declines():
     assert rows_plan("forward", dw, "int32") is None
 
 
+# short float4 rows: one lane per float4, halo by shuffles (LANES)
+LANE_GEOMETRIES = [
+    geometry((3, 5, 56, 56), (5, 1, 3, 3), padding=1, groups=5),                      # 14 lanes an item, 4 idle
+    geometry((2, 3, 6, 7, 12), (3, 1, 3, 3, 3), padding=1, groups=3),                 # 3 lanes an item, 10 items a warp
+    geometry((2, 2, 128), (4, 1, 7), padding=3, groups=2),                            # 32 lanes, multiplier 2
+    geometry((1, 3, 9, 20), (3, 1, 3, 3), padding=[(1, 1), (7, 5)], dilation=(1, 4), groups=3),  # halo 2 lanes left
+    geometry((2, 2, 40), (6, 1, 5), padding=[(3, 1)], dilation=2, groups=2),          # input gradient only: y narrower
+    geometry((1, 2, 5, 8), (2, 1, 3, 5), padding=[(1, 1), (4, 4)], groups=2),         # forward only: y wider than x
+]
+
+
+def test_lanes_plan():
+    for g in LANE_GEOMETRIES:
+        used = 0
+        for op in PRIMITIVES:
+            c = dict(rows_plan(op, g, "float32", True).consts)
+            used += c["LANES"]
+            if not c["LANES"]:          # a source row wider than the lanes' columns
+                assert c["XX"] > c["YX"], (op, g)
+                continue
+            p = rows_plan(op, g, "float32", True)
+            assert c["VX"] == 4 and c["VEC4"] and c["YX"] <= gpu_depthwise.LANE_MAX_WIDTH == 128 and c["XX"] <= c["YX"]
+            segs = c["YX"] // 4
+            assert c["GPW"] == 32 // segs
+            items = p.planes * -(-c["YZ"] // c["RZ"]) * -(-c["YY"] // c["R"])
+            warps = p.blocks * c["NT"] // 32
+            assert warps * c["GPW"] >= items > (warps - c["NT"] // 32) * c["GPW"]
+            assert not dict(rows_plan(op, g, "float32", False).consts)["LANES"]
+            assert not dict(rows_plan(op, g, "float64", True).consts)["LANES"]
+        assert used, g
+    assert dict(rows_plan("backward_input", LANE_GEOMETRIES[4], "float32", True).consts)["LANES"]
+    for g in LANE_GEOMETRIES:      # weight gradient: (channel, part) items over every (sample, row chunk)
+        p = rows_plan("backward_weight", g, "float32")
+        if p is None:
+            assert g.x_size[-1] > g.y_size[-1]
+            continue
+        c = dict(p.consts)
+        assert c["LANES"] and c["WGRAD"] and not c["FLIP"] and p.parts >= 1 and p.chunk >= 1
+        runs = g.batch * -(-c["YZ"] // c["RZ"]) * -(-c["YY"] // c["R"])
+        assert p.parts * p.chunk >= runs > (p.parts - 1) * p.chunk
+        warps = p.blocks * c["NT"] // 32
+        assert warps * c["GPW"] >= g.y_channels * p.parts > (warps - c["NT"] // 32) * c["GPW"]
+        assert p == rows_plan("backward_weight", g, "float32", True)      # planned as aligned either way
+    assert not dict(rows_plan("forward", ROWS_GEOMETRIES[4], "float32", True).consts)["LANES"]   # 300 wide
+
+
 def test_rows_is_the_untuned_choice_in_2d_and_3d():
     from ndconv.engine.gpu import ALGORITHMS
     names = ALGORITHMS.names()
@@ -76,14 +123,16 @@ def test_rows_is_the_untuned_choice_in_2d_and_3d():
     assert rows.preferred("forward", ROWS_GEOMETRIES[0], np.float32)
     assert rows.preferred("backward_input", ROWS_GEOMETRIES[2], np.float32)
     assert not rows.preferred("forward", ROWS_GEOMETRIES[4], np.float32)        # 1-D: plane
+    assert rows.preferred("backward_weight", ROWS_GEOMETRIES[0], np.float32)
+    assert not rows.preferred("backward_weight", ROWS_GEOMETRIES[2], np.float32)  # 3-D: plane
 
 
 # ---------------------------------------------------------------------- on a GPU
 
 def _check(g, dtype, seed=0, offset=0):
     """Forced depthwise_rows against the CPU engine in float64, bitwise repeatable;
-    ``offset`` elements shift the input off its buffer's alignment."""
-    ops = [op for op in PRIMITIVES if rows_plan(op, g, dtype) is not None]
+    ``offset`` elements shift the first operand off its buffer's alignment."""
+    ops = [op for op in PRIMITIVES + ("backward_weight",) if rows_plan(op, g, dtype) is not None]
     check_forced("depthwise_rows", g, dtype, ops, seed, offset, repeat=True)
 
 
@@ -95,12 +144,20 @@ def test_rows_vs_cpu(g, dtype):
     _check(g, dtype)
 
 
+@pytest.mark.parametrize("g", LANE_GEOMETRIES, ids=lambda g: f"{g.nd}d-{g.x_shape}-{g.w_shape}")
+@pytest.mark.gpu
+@on_gpu
+def test_lanes_vs_cpu(g):
+    _check(g, "float32", seed=5)
+
+
 @pytest.mark.gpu
 @on_gpu
 def test_rows_input_not_16_byte_aligned():
-    """A float32 input 4 bytes into its buffer takes the scalar loads, with the same results."""
+    """A float32 input 4 bytes into its buffer takes the scalar loads (the weight
+    gradient: an aligned copy), with the same results."""
     g = ROWS_GEOMETRIES[0]
-    assert rows_plan("forward", g, "float32").vec4
+    assert rows_plan("forward", g, "float32").vec4 and rows_plan("backward_weight", g, "float32")
     _check(g, "float32", seed=3, offset=1)
 
 

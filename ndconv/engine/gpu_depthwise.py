@@ -275,6 +275,24 @@ ROWS_DEPTHS = 4
 #: (VX = 4 better) over 32-wide ones
 ROWS_WIDE = 48
 ROWS_THREADS = 128
+#: rows of at most 32 float4 (128 float32): one lane per float4 of an output row, the
+#: window's halo from the neighbouring lanes by shuffles (every load a coalesced float4,
+#: none repeated along the row), up to LANE_ROWS rows (3-D: LANE_ROWS_3D) of one depth
+#: per lane, in chunks of even size.  Measured on an H200 (tmpx sweep of 1-14 rows, 1-4
+#: depths): 3x3 over 64x384x56^2 165 us at 14 rows, 172 at 8, 175 at 4, against 179 for
+#: the VX = 8 windows (a 308 MB copy: 160); 3x3x3 over 4x128x32^3 63-65 us at 4 rows of
+#: one depth, 66-71 for the windows, worse with more depths or rows.
+LANE_MAX_WIDTH = 128
+LANE_ROWS = 14
+LANE_ROWS_3D = 4
+#: weight gradient (lanes only): LANE_WGRAD_ROWS rows a step, and (channel, part) items
+#: aimed for; each part sums a fixed run of (sample, row chunk) steps, so the order of
+#: the sums depends on the geometry only.  Measured on an H200 (rows 2-14 x items
+#: 2048-16384): 3x3 over 64x384x56^2 196 us at 2 rows / 8192 items (199 at 8 / 4096;
+#: 255-430 elsewhere), against 270 for ``plane``; 3x3x3 over 4x128x32^3 129-153 us
+#: against ``plane``'s 111.
+LANE_WGRAD_ROWS = 2
+LANE_WGRAD_ITEMS = 8192
 #: a thread's window of one input row, and its taps, stay in registers
 ROWS_MAX_WINDOW = 40
 ROWS_MAX_TAPS = 64
@@ -282,23 +300,28 @@ ROWS_MAX_TAPS = 64
 
 @dataclass(frozen=True)
 class RowsPlan:
-    consts: tuple        # (name, value) pairs: the #defines, without VEC4
+    consts: tuple        # (name, value) pairs: the #defines
     vec4: bool           # float4 loads and stores possible (float32, rows of multiples of 4)
     blocks: int
     src_channels: int
     dst_channels: int
     planes: int
+    parts: int = 0       # weight gradient: parts per channel, steps per part
+    chunk: int = 0
 
 
 @functools.lru_cache(maxsize=1024)
-def rows_plan(op, g, dtype_name):
-    """The ``depthwise_rows`` launch of a stride-1 depthwise forward or input gradient,
-    or None where it does not apply."""
-    if op not in ("forward", "backward_input") or dtype_name not in _FLOATS or g.nd not in (1, 2, 3):
+def rows_plan(op, g, dtype_name, aligned=False):
+    """The ``depthwise_rows`` launch of a stride-1 depthwise call, or None where it does
+    not apply.  ``aligned``: the source is 16-byte aligned, so float4 loads may be used
+    (VEC4, and LANES where the rows are short enough).  The weight gradient exists in
+    LANES form only, and is planned as if aligned (the caller aligns its operands)."""
+    if op not in OPS or dtype_name not in _FLOATS or g.nd not in (1, 2, 3):
         return None
     if (g.padding_mode != "zeros" or g.x_channels != g.groups or g.groups < 2 or any(s != 1 for s in g.stride)
             or 0 in g.x_shape or 0 in g.y_shape or g.taps > ROWS_MAX_TAPS):
         return None
+    wgrad = op == "backward_weight"
     k3, d3, l3 = as3(g.kernel, 1), as3(g.dilation, 1), as3(g.pad_lo, 0)
     x3, y3 = as3(g.x_size, 1), as3(g.y_size, 1)
     src_c, dst_c = g.x_channels, g.y_channels
@@ -308,26 +331,42 @@ def rows_plan(op, g, dtype_name):
         x3, y3, src_c, dst_c = y3, x3, dst_c, src_c
         if min(l3) < 0:
             return None
-    vx = 8 if y3[2] >= ROWS_WIDE else 4
-    if vx + (k3[2] - 1) * d3[2] > ROWS_MAX_WINDOW:
-        return None
-    r = max(1, min(y3[1], ROWS_OUTPUTS // vx))
-    rz = max(1, min(y3[0], ROWS_DEPTHS))
     vec4 = dtype_name == "float32" and x3[2] % 4 == 0 and y3[2] % 4 == 0
+    # lanes: every input column a window reads lies under some lane (x no wider than y)
+    lanes = vec4 and (aligned or wgrad) and y3[2] <= LANE_MAX_WIDTH and x3[2] <= y3[2]
+    vx = 4 if lanes or y3[2] < ROWS_WIDE else 8
+    if (wgrad and not lanes) or vx + (k3[2] - 1) * d3[2] > ROWS_MAX_WINDOW:
+        return None
+    if lanes:
+        most = LANE_WGRAD_ROWS if wgrad else LANE_ROWS_3D if g.nd == 3 else LANE_ROWS
+        r, rz = -(-y3[1] // -(-y3[1] // most)), 1
+    else:
+        r, rz = max(1, min(y3[1], ROWS_OUTPUTS // vx)), max(1, min(y3[0], ROWS_DEPTHS))
     planes = g.batch * dst_c
-    threads = planes * -(-y3[0] // rz) * -(-y3[1] // r) * -(-y3[2] // vx)
+    segs, steps = -(-y3[2] // vx), -(-y3[0] // rz) * -(-y3[1] // r)
+    parts = chunk = 0
+    if wgrad:       # items (channel, part), each over `chunk` of the channel's (sample, step) runs
+        runs = g.batch * steps
+        chunk = -(-runs // max(1, min(runs, -(-LANE_WGRAD_ITEMS // dst_c))))
+        parts = -(-runs // chunk)
+        items = dst_c * parts
+    else:
+        items = planes * steps
+    threads = -(-items // (32 // segs)) * 32 if lanes else items * segs
     consts = (("KZ", k3[0]), ("KY", k3[1]), ("KX", k3[2]), ("DZ", d3[0]), ("DY", d3[1]), ("DX", d3[2]),
               ("LZ", l3[0]), ("LY", l3[1]), ("LX", l3[2]), ("XZ", x3[0]), ("XY", x3[1]), ("XX", x3[2]),
               ("YZ", y3[0]), ("YY", y3[1]), ("YX", y3[2]), ("RZ", rz), ("R", r), ("VX", vx), ("NT", ROWS_THREADS),
-              ("FLIP", int(flip)), ("M", g.y_channels // g.x_channels))
+              ("FLIP", int(flip)), ("M", g.y_channels // g.x_channels), ("VEC4", int(vec4 and (aligned or wgrad))),
+              ("LANES", int(lanes)), ("GPW", 32 // segs if lanes else 0), ("WGRAD", int(wgrad)))
     blocks = -(-threads // ROWS_THREADS)
     if blocks > MAX_GRID_X:
         return None
-    return RowsPlan(consts, vec4, blocks, src_c, dst_c, planes)
+    return RowsPlan(consts, vec4, blocks, src_c, dst_c, planes, parts, chunk)
 
 
 class DepthwiseRows(Algorithm):
-    """Stride-1 depthwise forward and input gradient from register windows (no shared memory)."""
+    """Stride-1 depthwise forward and input gradient from register windows (no shared
+    memory); the weight gradient where a row fits the lanes of a warp."""
 
     name = "depthwise_rows"
 
@@ -340,25 +379,39 @@ class DepthwiseRows(Algorithm):
 
     def preferred(self, op, g, dtype):
         # Measured on an H200 against ``plane`` (the next choice): 55 against 84 us for
-        # 3x3x3 over 4x128x32^3, 202 against 228 us for 3x3 over 64x384x56^2, both ops.
-        return g.nd >= 2
+        # 3x3x3 over 4x128x32^3, 202 against 228 us for 3x3 over 64x384x56^2, both ops;
+        # weight gradient (LANE_WGRAD_ROWS): ahead in 2-D only.
+        return g.nd == 2 if op == "backward_weight" else g.nd >= 2
 
     def _launch(self, op, g, dtype_name, aligned):
         import cupy as cp
         from .gpu_kernels import rows_source
 
         def build():
-            p = rows_plan(op, g, dtype_name)
-            consts = p.consts + (("VEC4", int(p.vec4 and aligned)),)
-            mod = cached(self._modules, (cp.cuda.runtime.getDevice(), dtype_name, consts),
-                         lambda: cp.RawModule(code=rows_source(dtype_name, consts)), 256)
+            p = rows_plan(op, g, dtype_name, aligned)
+            mod = cached(self._modules, (cp.cuda.runtime.getDevice(), dtype_name, p.consts),
+                         lambda: cp.RawModule(code=rows_source(dtype_name, p.consts)), 256)
+            if op == "backward_weight":
+                ints = tuple(np.int64(v) for v in (g.batch, p.src_channels, p.dst_channels, p.parts, p.chunk))
+                return (mod.get_function("dw_rows_wgrad"), (p.blocks,), (ROWS_THREADS,), ints,
+                        mod.get_function("dw_rows_wgrad_final"), p.parts)
             return (mod.get_function("dw_rows"), (p.blocks,), (ROWS_THREADS,),
-                    (np.int64(p.planes), np.int64(p.src_channels), np.int64(p.dst_channels)))
+                    (np.int64(p.planes), np.int64(p.src_channels), np.int64(p.dst_channels)), None, 0)
         return cached(self._launches, (cp.cuda.runtime.getDevice(), op, g, dtype_name, aligned), build)
 
     def run(self, engine, op, a, b, g):
         import cupy as cp
+        if op == "backward_weight":
+            # float4 loads of both: an operand off 16-byte alignment is copied (rare)
+            a, b = (v if v.data.ptr % 16 == 0 else v.copy() for v in (a, b))
+            fn, grid, block, ints, final, parts = self._launch(op, g, a.dtype.name, True)
+            partial = cp.empty(g.y_channels * parts * g.taps, dtype=np.float32)
+            engine._note(partial)
+            fn(grid, block, (a, b, partial) + ints)
+            out = cp.empty(g.w_shape, dtype=a.dtype)
+            final((-(-out.size // 256),), (256,), (partial, out, np.int64(g.y_channels), np.int64(parts)))
+            return out
         out = cp.empty(g.y_shape if op == "forward" else g.x_shape, dtype=a.dtype)
-        fn, grid, block, ints = self._launch(op, g, a.dtype.name, a.data.ptr % 16 == 0)
+        fn, grid, block, ints, _, _ = self._launch(op, g, a.dtype.name, a.data.ptr % 16 == 0)
         fn(grid, block, (a, b, out) + ints)
         return out

@@ -925,8 +925,35 @@ __DEFINES__
 #define ZIN (RZ + (KZ - 1) * DZ)
 #define MSUM (FLIP ? M : 1)
 
+#if LANES
+// win[0 .. WIN) = row[ox0 - LX ..] of the lane's item, 0 outside the row: the lane
+// loads its own float4 (ox0 .. ox0 + 3) and takes the other columns from the lanes
+// that hold them.  Every lane of the warp must call it.
+__device__ __forceinline__ void lane_window(const T* row, bool ok, int ox0, int lane, ACC* win) {
+    float4 q = make_float4(0.f, 0.f, 0.f, 0.f);
+    if (ok && ox0 < XX) q = __ldg(reinterpret_cast<const float4*>(row + ox0));
+#pragma unroll
+    for (int j = 0; j < WIN; ++j) {
+        const int o = j - LX, d = o >= 0 ? o / 4 : -((3 - o) / 4), part = o - 4 * d;
+        const float c = part == 0 ? q.x : part == 1 ? q.y : part == 2 ? q.z : q.w;
+        const float v = d == 0 ? c : __shfl_sync(0xffffffffu, c, lane + d);
+        win[j] = (ox0 + o >= 0 && ox0 + o < XX) ? v : 0.f;
+    }
+}
+#endif
+
+#if !WGRAD
 extern "C" __global__ void __launch_bounds__(NT)
 dw_rows(const T* __restrict__ src, const T* __restrict__ w, T* __restrict__ dst, i64 planes, i64 Csrc, i64 Cdst) {
+#if LANES
+    // a warp holds GPW items (plane, depth chunk, row chunk) of SEGS lanes each; every
+    // lane takes part in the shuffles, live or not
+    const int lane = threadIdx.x & 31, grp = lane / SEGS, seg = lane - grp * SEGS;
+    const i64 item = (blockIdx.x * (i64)NT + threadIdx.x) / 32 * GPW + grp;
+    const i64 p = item / ((i64)ZCHUNKS * CHUNKS);
+    const bool live = grp < GPW && p < planes;
+    const int r = (int)(item - p * ((i64)ZCHUNKS * CHUNKS));
+#else
     const i64 t = blockIdx.x * (i64)NT + threadIdx.x;
     const i64 per_plane = (i64)ZCHUNKS * CHUNKS * SEGS;
     const i64 p = t / per_plane;
@@ -934,6 +961,7 @@ dw_rows(const T* __restrict__ src, const T* __restrict__ w, T* __restrict__ dst,
     int r = (int)(t - p * per_plane);
     const int seg = r % SEGS;
     r /= SEGS;
+#endif
     const int chunk = r % CHUNKS, oz0 = (r / CHUNKS) * RZ;
     const i64 n = p / Cdst, c = p - n * Cdst;
     const int oy0 = chunk * R, ox0 = seg * VX;
@@ -961,7 +989,9 @@ dw_rows(const T* __restrict__ src, const T* __restrict__ w, T* __restrict__ dst,
                 const bool rowok = zok && iy >= 0 && iy < XY;
                 const T* row = sp + ((i64)iz * XY + iy) * XX;
                 ACC win[WIN];
-#if VEC4
+#if LANES
+                lane_window(row, live && rowok, ox0, lane, win);
+#elif VEC4
                 // whole float4 blocks over [ox0 - LX, ox0 - LX + WIN): each lies inside
                 // the row or outside it (XX and ox0 are multiples of 4)
                 constexpr int B0 = -((LX + 3) / 4) * 4;
@@ -1001,6 +1031,9 @@ dw_rows(const T* __restrict__ src, const T* __restrict__ w, T* __restrict__ dst,
             }
         }
     }
+#if LANES
+    if (!live) return;
+#endif
 #pragma unroll
     for (int z = 0; z < RZ; ++z) {
         if (oz0 + z >= YZ) break;
@@ -1025,6 +1058,91 @@ dw_rows(const T* __restrict__ src, const T* __restrict__ w, T* __restrict__ dst,
         }
     }
 }
+#else
+// Weight gradient (LANES only).  A group of SEGS lanes owns one (channel c, part) item
+// and sums gy * x for every tap over the part's `chunk` steps (n, depth chunk, row chunk),
+// each lane over its float4 columns; the lanes' sums are then added in lane order:
+// partial[(c * parts + part) * KT + k].  Every warp runs `chunk` steps (idle lanes and
+// steps past the end read zeros), so the shuffles see all lanes.
+extern "C" __global__ void __launch_bounds__(NT)
+dw_rows_wgrad(const T* __restrict__ src, const T* __restrict__ gy, ACC* __restrict__ partial,
+              i64 batch, i64 Csrc, i64 Cdst, i64 parts, i64 chunk) {
+    __shared__ ACC red[NT * KT];
+    const int lane = threadIdx.x & 31, grp = lane / SEGS, seg = lane - grp * SEGS, ox0 = seg * VX;
+    const i64 item = (blockIdx.x * (i64)NT + threadIdx.x) / 32 * GPW + grp;
+    const i64 c = item / parts, part = item - c * parts;
+    const bool live = grp < GPW && c < Cdst;
+    const i64 steps = batch * ZCHUNKS * CHUNKS;
+    ACC sum[KT];
+#pragma unroll
+    for (int k = 0; k < KT; ++k) sum[k] = 0;
+#pragma unroll 1
+    for (i64 step = part * chunk; step < part * chunk + chunk; ++step) {
+        const bool on = live && step < steps;
+        const i64 n = step / (ZCHUNKS * CHUNKS);
+        const int r = (int)(step - n * (ZCHUNKS * CHUNKS));
+        const int oy0 = (r % CHUNKS) * R, oz0 = (r / CHUNKS) * RZ;
+        const T* gp = gy + (n * Cdst + c) * ((i64)YZ * YY * YX);
+        const T* sp = src + (n * Csrc + c / M) * ((i64)XZ * XY * XX);
+        ACC g[RZ][R][VX];
+#pragma unroll
+        for (int z = 0; z < RZ; ++z)
+#pragma unroll
+            for (int i = 0; i < R; ++i) {
+                float4 q = make_float4(0.f, 0.f, 0.f, 0.f);
+                if (on && oz0 + z < YZ && oy0 + i < YY)
+                    q = __ldg(reinterpret_cast<const float4*>(gp + ((i64)(oz0 + z) * YY + oy0 + i) * YX + ox0));
+                g[z][i][0] = q.x; g[z][i][1] = q.y; g[z][i][2] = q.z; g[z][i][3] = q.w;
+            }
+#pragma unroll
+        for (int jz = 0; jz < ZIN; ++jz) {
+            const int iz = oz0 - LZ + jz;
+            const bool zok = on && iz >= 0 && iz < XZ;
+#pragma unroll
+            for (int i = 0; i < RIN; ++i) {
+                const int iy = oy0 - LY + i;
+                ACC win[WIN];
+                lane_window(sp + ((i64)iz * XY + iy) * XX, zok && iy >= 0 && iy < XY, ox0, lane, win);
+#pragma unroll
+                for (int kz = 0; kz < KZ; ++kz) {
+                    const int rz = jz - kz * DZ;
+                    if (rz < 0 || rz >= RZ) continue;
+#pragma unroll
+                    for (int ky = 0; ky < KY; ++ky) {
+                        const int rr = i - ky * DY;
+                        if (rr < 0 || rr >= R) continue;
+#pragma unroll
+                        for (int kx = 0; kx < KX; ++kx)
+#pragma unroll
+                            for (int v = 0; v < VX; ++v)
+                                sum[(kz * KY + ky) * KX + kx] += g[rz][rr][v] * win[v + kx * DX];
+                    }
+                }
+            }
+        }
+    }
+#pragma unroll
+    for (int k = 0; k < KT; ++k) red[threadIdx.x * KT + k] = sum[k];
+    __syncwarp();
+    if (!live || seg != 0) return;
+    for (int k = 0; k < KT; ++k) {
+        ACC t = 0;
+        for (int l = 0; l < SEGS; ++l) t += red[(threadIdx.x + l) * KT + k];
+        partial[(c * parts + part) * KT + k] = t;
+    }
+}
+
+// gw[c, k] = sum over parts, in order.
+extern "C" __global__ void dw_rows_wgrad_final(const ACC* __restrict__ partial, T* __restrict__ gw,
+                                               i64 Cdst, i64 parts) {
+    const i64 idx = (i64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= Cdst * KT) return;
+    const i64 c = idx / KT, k = idx - c * KT;
+    ACC t = 0;
+    for (i64 p = 0; p < parts; ++p) t += partial[(c * parts + p) * KT + k];
+    st(gw, idx, t);
+}
+#endif
 """
 
 
