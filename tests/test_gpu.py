@@ -631,7 +631,7 @@ def test_heuristic_and_forcing(gpu):
     first = "cudnn" if cudnn.available() else None
     for op in OPS:
         # preferred untuned: register windows for stride-1 depthwise where they apply
-        assert eng.choose(op, dw, np.float32).name == ("plane" if op == "backward_weight" else "depthwise_rows")
+        assert eng.choose(op, dw, np.float32).name == "depthwise_rows"
         assert eng.choose(op, grouped, np.float32).name == "plane"
         assert eng.choose(op, dense, np.float32).name == (first or IM2COL32)
     with eng.force("forward", "im2col_gemm"):
