@@ -185,15 +185,16 @@ def _shuffle_plan(shape, itemsize, groups, stride, grid, to_phases):
     m = (1,) * pad + tuple(grid)
     s = (1,) * pad + tuple(stride)
     cg = channels // groups if to_phases else channels // (groups * math.prod(stride))
-    fn = cached(_modules, (cp.cuda.runtime.getDevice(), "phase_shuffle", itemsize),
-                lambda: cp.RawModule(code=gpu_kernels.shuffle_source(itemsize)).get_function("phase_shuffle"))
+    fn = cached(_modules, (cp.cuda.runtime.getDevice(), "phase_shuffle", itemsize, s[2]),
+                lambda: cp.RawModule(code=gpu_kernels.shuffle_source(itemsize, s[2])).get_function("phase_shuffle"))
     if to_phases:
         out_shape = (nb, channels * math.prod(stride)) + tuple(grid)
     else:
         out_shape = (nb, groups * cg) + tuple(a * b for a, b in zip(grid, stride))
     rows = nb * groups * cg * m[0] * s[0] * m[1] * s[1]
-    grid_dims = (min(-(-m[2] // 32), 1024), min(-(-rows // (8 * gpu_kernels.SHUFFLE_ROWS_PER_THREAD)), 65535))
-    ints = tuple(np.int32(v) for v in (1 if to_phases else 0, nb * groups, cg, *m, *s))
+    rpt = gpu_kernels.shuffle_rows_per_thread(s[2])
+    grid_dims = (min(-(-m[2] // 32), 1024), min(-(-rows // (8 * rpt)), 65535))
+    ints = tuple(np.int32(v) for v in (1 if to_phases else 0, nb * groups, cg, *m, *s[:2]))
     return fn, grid_dims, out_shape, ints
 
 

@@ -1563,20 +1563,22 @@ def plane_source(dtype_name, consts):
 # The rearrangement behind phases.space_to_depth / depth_to_space, as one kernel:
 # space layout X (A, C, M0, S0, M1, S1, M2, S2) <-> phase layout P (A, S0, S1, S2, C,
 # M0, M1, M2) (1-D and 2-D calls have leading unit dims).  A row is one
-# (a, c, m0, r0, m1, r1) of X; each thread row takes ROWS_PER_THREAD consecutive rows
-# (one index decomposition, then odometer steps); threads run along m2, each moving its
-# S2 neighbours, so both sides move whole runs (threads along the space row made the
-# way back 1.5x slower on an H200).  32-bit indices: the caller checks that the array
-# fits.  Elements are moved as raw words.
+# (a, c, m0, r0, m1, r1) of X; each thread row takes RPT consecutive rows (one index
+# decomposition, then odometer steps); threads run along m2, each moving its S2
+# neighbours (S2 compiled in), so both sides move whole runs (threads along the space
+# row made the way back 1.5x slower on an H200).  A thread issues the loads of all its
+# rows before their stores, so that many are in flight.  32-bit indices: the caller
+# checks that the array fits.  Elements are moved as raw words.
 _SHUFFLE_TEMPLATE = r"""
 typedef __WORD__ W;
-#define ROWS_PER_THREAD __RPT__
+#define RPT __RPT__
+#define S2 __S2__
 extern "C" __global__ void phase_shuffle(const W* __restrict__ src, W* __restrict__ dst, int to_phases,
-                                         int A, int C, int M0, int M1, int M2, int S0, int S1, int S2) {
+                                         int A, int C, int M0, int M1, int M2, int S0, int S1) {
     const int rows = A * C * M0 * S0 * M1 * S1;
     const int r2_step = C * M0 * M1 * M2;            // P distance between r2 and r2 + 1
-    const int span = gridDim.y * blockDim.y * ROWS_PER_THREAD;
-    for (int first = (blockIdx.y * blockDim.y + threadIdx.y) * ROWS_PER_THREAD; first < rows; first += span) {
+    const int span = gridDim.y * blockDim.y * RPT;
+    for (int first = (blockIdx.y * blockDim.y + threadIdx.y) * RPT; first < rows; first += span) {
         // Decompose the first row once, then step the others like an odometer.
         int t = first;
         int r1 = t % S1; t /= S1;
@@ -1585,35 +1587,50 @@ extern "C" __global__ void phase_shuffle(const W* __restrict__ src, W* __restric
         int m0 = t % M0; t /= M0;
         int c = t % C;
         int a = t / C;
-        const int last = min(rows, first + ROWS_PER_THREAD);
-        for (int row = first; row < last; ++row) {
-            const int xbase = row * M2 * S2;
-            const int pbase = (((a * S0 + r0) * S1 + r1) * S2 * C + c) * (M0 * M1 * M2) + (m0 * M1 + m1) * M2;
-            for (int m2 = blockIdx.x * blockDim.x + threadIdx.x; m2 < M2; m2 += gridDim.x * blockDim.x) {
-                for (int r2 = 0; r2 < S2; ++r2) {
-                    const int xo = xbase + m2 * S2 + r2, po = pbase + r2 * r2_step + m2;
-                    if (to_phases) dst[po] = src[xo];
-                    else dst[xo] = src[po];
-                }
-            }
+        int xb[RPT], pb[RPT];                         // row bases in X and P; xb -1: past the end
+#pragma unroll
+        for (int k = 0; k < RPT; ++k) {
+            xb[k] = first + k < rows ? (first + k) * M2 * S2 : -1;
+            pb[k] = (((a * S0 + r0) * S1 + r1) * S2 * C + c) * (M0 * M1 * M2) + (m0 * M1 + m1) * M2;
             if (++r1 == S1) { r1 = 0;
                 if (++m1 == M1) { m1 = 0;
                     if (++r0 == S0) { r0 = 0;
                         if (++m0 == M0) { m0 = 0;
                             if (++c == C) { c = 0; ++a; } } } } }
         }
+        for (int m2 = blockIdx.x * blockDim.x + threadIdx.x; m2 < M2; m2 += gridDim.x * blockDim.x) {
+            W v[RPT][S2];
+#pragma unroll
+            for (int k = 0; k < RPT; ++k)
+#pragma unroll
+                for (int r2 = 0; r2 < S2; ++r2)
+                    if (xb[k] >= 0) v[k][r2] = to_phases ? src[xb[k] + m2 * S2 + r2] : src[pb[k] + r2 * r2_step + m2];
+#pragma unroll
+            for (int k = 0; k < RPT; ++k)
+#pragma unroll
+                for (int r2 = 0; r2 < S2; ++r2) {
+                    if (xb[k] < 0) continue;
+                    if (to_phases) dst[pb[k] + r2 * r2_step + m2] = v[k][r2];
+                    else dst[xb[k] + m2 * S2 + r2] = v[k][r2];
+                }
+        }
     }
 }
 """
 
-#: rows of the space layout each thread row moves (the index divisions are paid once)
-SHUFFLE_ROWS_PER_THREAD = 16
+#: words a thread moves at once (RPT rows of S2 each)
+SHUFFLE_WORDS_PER_THREAD = 16
 
 
-def shuffle_source(itemsize):
-    """CUDA source of ``phase_shuffle`` for elements of ``itemsize`` bytes."""
+def shuffle_rows_per_thread(s2):
+    """Rows of the space layout a thread moves at once for a last-dim stride ``s2``."""
+    return max(1, SHUFFLE_WORDS_PER_THREAD // s2)
+
+
+def shuffle_source(itemsize, s2):
+    """CUDA source of ``phase_shuffle`` for elements of ``itemsize`` bytes and a last-dim stride ``s2``."""
     words = {2: "unsigned short", 4: "unsigned int", 8: "unsigned long long"}
     if itemsize not in words:
         raise ValueError(f"itemsize must be 2, 4 or 8, got itemsize={itemsize!r}")
-    return _SHUFFLE_TEMPLATE.replace("__WORD__", words[itemsize]).replace("__RPT__",
-                                                                           str(SHUFFLE_ROWS_PER_THREAD))
+    return (_SHUFFLE_TEMPLATE.replace("__WORD__", words[itemsize]).replace("__S2__", str(int(s2)))
+            .replace("__RPT__", str(shuffle_rows_per_thread(s2))))
