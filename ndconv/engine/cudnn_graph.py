@@ -26,7 +26,7 @@ from dataclasses import replace
 
 import numpy as np
 
-from . import cudnn
+from . import autotune, cudnn
 from .registry import NotApplicable
 
 # cudnnBackendDescriptorType_t
@@ -340,12 +340,10 @@ class CudnnGraph(cudnn.CudnnAlgorithm):
             raise NotApplicable(f"cuDNN's graph API has no {'deterministic ' if engine.deterministic else ''}"
                                 f"engine for {op} within the workspace limit")
         ws = cp.empty(max(ws for _, (_, ws) in plans) or 1, dtype=np.uint8)
-        times = {}
+        times, runs = {}, {}
         start, stop = cp.cuda.Event(), cp.cuda.Event()
-        for ident, (plan, _) in plans:
-            pack = _variant_pack(ptrs, ws.data.ptr)
-            if _execute(handle, plan, pack) != cudnn._SUCCESS:      # warm-up; some fail only here
-                continue
+
+        def fastest_of_3(plan, pack):
             samples = []
             for _ in range(3):
                 start.record()
@@ -353,8 +351,22 @@ class CudnnGraph(cudnn.CudnnAlgorithm):
                 stop.record()
                 stop.synchronize()
                 samples.append(cp.cuda.get_elapsed_time(start, stop))
-            times[ident] = sorted(samples)[1]
-        del ws
+            return min(samples)
+
+        for ident, (plan, _) in plans:
+            pack = _variant_pack(ptrs, ws.data.ptr)
+            if _execute(handle, plan, pack) != cudnn._SUCCESS:      # warm-up; some fail only here
+                continue
+            runs[ident] = plan, pack
+            times[ident] = fastest_of_3(plan, pack)
+        # as the autotuner does: close calls timed again, each keeping its fastest (a
+        # busy device only adds time; the plan decides rows: t2d_dcgan_k4s2's forward
+        # took 0.37-0.41 ms in three runs on an H200 and 0.55 in one)
+        close = [i for i in times if times[i] <= min(times.values(), default=0) * (1 + autotune.CLOSE_CALL)]
+        for _ in range(autotune.RETIME_ROUNDS if len(close) > 1 else 0):
+            for ident in close:
+                times[ident] = min(times[ident], fastest_of_3(*runs[ident]))
+        del ws, runs
         if not times:
             raise NotApplicable(f"no engine of cuDNN's graph API ran {op}")
         best = min(times, key=times.get)
