@@ -137,3 +137,81 @@ def test_depthwise_does_not_depend_on_threads(size, kernel, padding):
     results = at_thread_counts(run)
     for a, b in zip(*results):
         np.testing.assert_array_equal(a, b)
+
+
+def _align_caller():
+    from numba import njit
+
+    @njit
+    def call(out, o, src, s_off, w, w_off, taps, n, accumulate, ahead):
+        dw.align_slide(out, o, src, s_off, w, w_off, taps, n, accumulate, ahead)
+    return call
+
+
+def _aligned(size, dtype):
+    # size elements from a 64-byte boundary
+    buf = np.empty(size + dw.VECTOR_BYTES, dtype)
+    skip = -buf.ctypes.data % dw.VECTOR_BYTES // buf.itemsize
+    return buf[skip:skip + size]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("accumulate", [0, 1])
+def test_align_slide_is_a_shifted_multiply_add(dtype, accumulate):
+    """out[o + i] (+)= sum_j w[w_off + j] * src[s_off + i + j] for whole vectors: every
+    number of vectors through blocks of ALIGN_R, 4 and 1, tap counts that end a row of
+    taps partway and exactly (2-4 rows); src holds exactly the elements the sum reads, and
+    nothing outside out[o:o + LANES*n] is written."""
+    call = _align_caller()
+    lanes = dw.VECTOR_BYTES // np.dtype(dtype).itemsize
+    o, w_off = 5, 3
+    for taps in (lanes + 1, 2 * lanes - 1, 2 * lanes, 2 * lanes + 3, 3 * lanes, 4 * lanes - 2, 4 * lanes):
+        for n in list(range(0, 7)) + [dw.ALIGN_R - 1, dw.ALIGN_R, dw.ALIGN_R + 5, 2 * dw.ALIGN_R + 4]:
+            size = lanes * n
+            src = _aligned(lanes + size + taps - 1, dtype)        # s_off = lanes, on a boundary
+            src[:] = rng.standard_normal(src.shape)
+            w = rng.standard_normal(w_off + taps + 2).astype(dtype)
+            out = rng.standard_normal(o + size + 7).astype(dtype)
+            want = out.astype(np.float64)
+            total = sum(w[w_off + j].astype(np.float64) * src[lanes + j:lanes + j + size] for j in range(taps))
+            want[o:o + size] = total + (want[o:o + size] if accumulate else 0)
+            got = out.copy()
+            call(got, o, src, lanes, w, w_off, taps, n, accumulate, src)
+            tol = 2e-5 if dtype == np.float32 else 1e-12
+            np.testing.assert_allclose(got, want, rtol=tol, atol=tol, err_msg=f"taps={taps} n={n}")
+            np.testing.assert_array_equal(got[:o], out[:o])
+            np.testing.assert_array_equal(got[o + size:], out[o + size:])
+
+
+@pytest.mark.parametrize("channels,mult", [(2, 1), (3, 2), (16, 1), (17, 1), (20, 3)])
+@pytest.mark.parametrize("kernel,padding", [(31, (15, 15)), (24, (0, 23)), (64, (40, 3)), (20, (19, 0)),
+                                            (48, (7, 7))])
+def test_depthwise_aligned_path(channels, mult, kernel, padding):
+    """1-D kernels that slide_row hands to align_slide (use_align for float32 or float64 rows),
+    forward and input gradient (a gather over the multiplier) against the float64 loops:
+    odd, even, < 16 and not a multiple of 16 channels, asymmetric padding, rows that
+    end partway through a vector."""
+    assert any(dw.use_align(kernel, kernel, dw.VECTOR_BYTES // s) for s in (4, 8))
+    for size in (kernel + 37, 2 * kernel + 129):
+        check_depthwise(dict(batch=2, channels=channels, mult=mult, kernel=(kernel,), stride=(1,), dilation=(1,),
+                             padding=(padding,), size=(size,)))
+
+
+def test_depthwise_aligned_path_leaves_dilation_to_slide():
+    """Dilated long kernels keep the channels-first kernel (and stay right)."""
+    assert not dw.use_align(31, 61, 16)
+    check_depthwise(dict(batch=1, channels=5, mult=2, kernel=(31,), stride=(1,), dilation=(2,),
+                         padding=((20, 40),), size=(300,)))
+
+
+def test_depthwise_aligned_path_keeps_non_finite_values_in_their_windows():
+    """An inf in x reaches only the outputs whose window holds it (no zero-padded taps
+    multiply it into its neighbours)."""
+    g = geometry((1, 2, 200), (2, 1, 31), padding=15, groups=2)
+    x = np.ones(g.x_shape, np.float32)
+    x[0, 1, 100] = np.inf
+    e = CPUEngine()
+    with e.force("depthwise"):
+        y = e.forward(x, np.ones(g.w_shape, np.float32), g)
+    assert np.isinf(y[0, 1, 85:116]).all() and np.isfinite(y[0, 1, :85]).all() and np.isfinite(y[0, 1, 116:]).all()
+    assert np.isfinite(y[0, 0]).all()

@@ -41,3 +41,11 @@ def vector_at(builder, base, j, vec):
 def store(builder, add, p, v, align=1):
     """``*p = v``, or ``*p += v`` where the i1 ``add`` is set."""
     builder.store(builder.select(add, builder.fadd(v, builder.load(p, align=align)), v), p, align=align)
+
+
+def prefetch(builder, p, write=False):
+    """Prefetch the cache line holding ``*p`` (never faults, whatever the address)."""
+    i8p, i32 = ir.IntType(8).as_pointer(), ir.IntType(32)
+    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]),
+                                        "llvm.prefetch.p0i8")
+    builder.call(fn, [builder.bitcast(p, i8p), ir.Constant(i32, int(write)), ir.Constant(i32, 3), ir.Constant(i32, 1)])
