@@ -88,7 +88,7 @@ def perf_counter_timer(fn, repeat):
 @dataclasses.dataclass(frozen=True)
 class Choice:
     algorithm: str
-    ms: dict            # name -> median milliseconds (failed candidates are absent)
+    ms: dict            # name -> the timer's milliseconds (failed candidates are absent)
     cached: bool        # True when no timing ran (memory or disk had the answer)
 
 
