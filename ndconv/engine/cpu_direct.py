@@ -152,6 +152,20 @@ if AVAILABLE:
     _tile = _dispatcher()
 
     @njit(inline="always")
+    def _run_end(items, m, end, chunk):
+        """End of the run from item m: up to ``chunk`` consecutive items of one length, before end."""
+        n, m1 = items[m, 2], m + 1
+        while m1 < end and m1 - m < chunk and items[m1, 2] == n:
+            m1 += 1
+        return m1
+
+    @njit(inline="always")
+    def _part_span(count, parts, part):
+        """[m, end) of the items that fixed part ``part`` of ``parts`` sums."""
+        per = (count + parts - 1) // parts
+        return part * per, min(count, part * per + per)
+
+    @njit(inline="always")
     def _columns(nv, ygp, n0, width):
         """(vectors, tile rows) of the column block starting at n0: a full one, or the narrower tail."""
         v = min(nv, (ygp - n0) // (width // nv))
@@ -279,18 +293,14 @@ if AVAILABLE:
         xf, yf = xl.reshape(-1), gyl.reshape(-1)
         width = nv * (VECTOR_BYTES // gyl.itemsize)
         count = items.shape[0]
-        per = (count + parts - 1) // parts
         for part in prange(parts):
             out = gw[part].reshape(-1)
-            m, end = part * per, min(count, part * per + per)
+            m, end = _part_span(count, parts, part)
             if m >= end:
                 out[:] = 0
             first = m
             while m < end:
-                n = items[m, 2]
-                m1 = m + 1
-                while m1 < end and m1 - m < chunk and items[m1, 2] == n:
-                    m1 += 1
+                n, m1 = items[m, 2], _run_end(items, m, end, chunk)
                 rows_a = items[m:m1, 0] * ldx
                 rows_b = items[m:m1, 1] * ldy
                 for t in range(taps):
@@ -312,18 +322,14 @@ if AVAILABLE:
         yf = gyl.reshape(-1)
         width = nv * (VECTOR_BYTES // gyl.itemsize)
         count = items.shape[0]
-        per = (count + parts - 1) // parts
         for part in prange(parts):
             out = gw[part].reshape(-1)
-            m, end = part * per, min(count, part * per + per)
+            m, end = _part_span(count, parts, part)
             if m >= end:
                 out[:] = 0
             first = m
             while m < end:
-                n = items[m, 2]
-                m1 = m + 1
-                while m1 < end and m1 - m < chunk and items[m1, 2] == n:
-                    m1 += 1
+                n, m1 = items[m, 2], _run_end(items, m, end, chunk)
                 rows_a = x_rows[m:m1]
                 rows_b = items[m:m1, 1] * ldy
                 for t in range(taps):
@@ -346,9 +352,7 @@ if AVAILABLE:
         runs = np.empty((max(1, count), 2), np.int64)
         r, m = 0, 0
         while m < count:
-            n, m1 = items[m, 2], m + 1
-            while m1 < count and m1 - m < chunk and items[m1, 2] == n:
-                m1 += 1
+            m1 = _run_end(items, m, count, chunk)
             runs[r, 0], runs[r, 1] = m, m1
             r += 1
             m = m1
