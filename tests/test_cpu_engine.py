@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 import ndconv
-from ndconv.engine import autotune
+from ndconv.engine import autotune, cpu_depthwise, cpu_direct, cpu_grouped, cpu_ir
 from ndconv.engine.cpu import CPUEngine
 from ndconv.engine.phases import waste as _phase_waste
 
@@ -236,3 +236,38 @@ def test_taps_is_a_candidate_only_for_wide_groups():
     narrow = geometry((2, 32, 9, 9), (32, 4, 3, 3), padding=1, groups=8)
     assert e.supports("taps", "forward", wide)
     assert not e.supports("taps", "forward", narrow)
+
+
+@pytest.mark.skipif(not cpu_direct.AVAILABLE, reason="numba is not installed")
+@pytest.mark.parametrize("algorithm, groups, stride", [("direct", 1, 1), ("direct", 1, 2), ("depthwise", 4, 1),
+                                                       ("grouped", 2, 1)])
+def test_read_only_inputs_compile_no_second_variant(algorithm, groups, stride):
+    # numba types an array with its writeable flag: without read-only views at every kernel,
+    # a caller's read-only array (np.broadcast_to, a memory map) compiled each kernel again
+    e = CPUEngine()
+    cx = 16 * groups if algorithm != "depthwise" else groups
+    g = geometry((2, cx, 9, 9), (16 * groups if algorithm == "grouped" else 4 * cx, cx // groups, 3, 3),
+                 padding=1, stride=stride, groups=groups)
+    x, w, gy = (rng.standard_normal(s).astype(np.float32) for s in (g.x_shape, g.w_shape, g.y_shape))
+
+    def run(x, w, gy):
+        with e.force(algorithm):
+            return [e.forward(x, w, g), e.backward_input(gy, w, g), e.backward_weight(x, gy, g)]
+
+    want = run(x, w, gy)
+    frozen = []
+    for a in (x, w, gy):
+        a = a.copy()
+        a.flags.writeable = False
+        frozen.append(a)
+    for got, expected in zip(run(*frozen), want):
+        np.testing.assert_array_equal(got, expected)
+    wrapped = [k for m in (cpu_direct, cpu_depthwise, cpu_grouped) for k in vars(m).values() if hasattr(k, "kernel")]
+    used = [k for k in wrapped if k.kernel.signatures]
+    assert used
+    for k in used:
+        for sig in k.kernel.signatures:
+            assert all(not sig[i].mutable for i in k.reads), (k.__name__, sig)
+        # one variant per dtype: signatures differ in nothing but their arrays' dtype
+        kinds = {tuple(str(getattr(t, "dtype", t)) for t in sig) for sig in k.kernel.signatures}
+        assert len(kinds) == len(k.kernel.signatures), k.__name__

@@ -6,6 +6,8 @@ strided 1-D transposed call's time went there); this loop does all taps of one
 (sample, channel) plane in one pass.  Each parallel iteration owns its plane and adds
 the taps in order, so the result does not depend on the thread count.
 """
+from .cpu_ir import reading
+
 try:
     from numba import njit, prange
 except ImportError:  # the engine keeps its NumPy loop
@@ -14,6 +16,7 @@ except ImportError:  # the engine keeps its NumPy loop
 AVAILABLE = njit is not None
 
 if AVAILABLE:
+    @reading("cols")
     @njit(parallel=True, cache=True)
     def scatter_add(cols, buf, k0_, k1_, k2_, s0, s1, s2, d0, d1, d2):
         """buf[j, o*s + k*d] += cols[j, tap(k), o] for every tap k (in order) and output o.

@@ -19,7 +19,7 @@ weight gradient uses ``flat_backward_weight`` (stride 1) or ``backward_weight``.
 import numpy as np
 
 from . import cpu_ir
-from .cpu_ir import VECTOR_BYTES
+from .cpu_ir import VECTOR_BYTES, reading
 
 try:
     import numba
@@ -47,6 +47,7 @@ if AVAILABLE:
             for o in range(out.shape[0]):
                 out[o] += wv * row[base + o * step]
 
+    @reading("xp", "w")
     @njit(parallel=True, fastmath=True, cache=True)
     def forward(xp, w, y, s0, s1, s2, d0, d1, d2, mult):
         n_, cy = y.shape[0], y.shape[1]
@@ -66,6 +67,7 @@ if AVAILABLE:
                             for k2 in range(k2_):
                                 _axpy(out, w[co, k0, k1, k2], row, k2 * d2, s2)
 
+    @reading("gy", "w")
     @njit(parallel=True, fastmath=True, cache=True)
     def backward_input(gy, w, gxp, s0, s1, s2, d0, d1, d2, mult):
         # gxp (N, Cx, padded...) is zero on entry; each output scatters its kernel copy.
@@ -95,6 +97,7 @@ if AVAILABLE:
                                         for o2 in range(o2_):
                                             row[base + o2 * s2] += wv * src[o2]
 
+    @reading("xp", "gy")
     @njit(parallel=True, fastmath=True, cache=True)
     def backward_weight(xp, gy, gw, s0, s1, s2, d0, d1, d2, mult):
         n_, cy = gy.shape[0], gy.shape[1]
@@ -221,6 +224,7 @@ if AVAILABLE:
             out[t] += part
             t += 1
 
+    @reading("x", "gy", "offsets")
     @njit(parallel=True, fastmath=True, cache=True)
     def flat_backward_weight(x, gy, offsets, gw, lo0, lo1, lo2, p0_, p1_, p2_, mult):
         # gw (Cy, K) = sum over samples and positions of gy * shifted padded x
@@ -476,6 +480,7 @@ if AVAILABLE:
         rows = (k + lanes - 1) // lanes
         return k == span and k >= 20 and ALIGN_ROWS[0] <= rows <= ALIGN_ROWS[-1] and 4 * k >= 3 * rows * lanes
 
+    @reading("src", "w", "offsets")
     @njit(parallel=True, fastmath=True, cache=True)
     def slide_taps(src, w, offsets, out, o0_, o1_, o2_, lo0, lo1, lo2, p0_, p1_, p2_, mult, gather, rows):
         """out (N, C_out, O0*O1*O2) from padded planes of src (N, C_src, ...) and w (Cy*K).
@@ -535,6 +540,7 @@ if AVAILABLE:
         for e in range(dst.shape[0]):
             dst[e] = src[e]
 
+    @reading("src", "w", "offsets")
     @njit(parallel=True, fastmath=True, cache=True)
     def slide_row(src, w, offsets, out, lo, mult, gather):
         """slide_taps for planes of one row (1-D).

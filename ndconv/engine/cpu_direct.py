@@ -42,7 +42,7 @@ import math
 import numpy as np
 
 from . import cpu_ir
-from .cpu_ir import VECTOR_BYTES
+from .cpu_ir import VECTOR_BYTES, reading
 
 try:
     import numba
@@ -171,6 +171,7 @@ if AVAILABLE:
         v = min(nv, (ygp - n0) // (width // nv))
         return v, MR_FOR[v]
 
+    @reading("x", "src", "cmap")
     @njit(parallel=True, cache=True)
     def pack(x, src, cmap, out):
         """out[q, j] = x[src[q] + cmap[j]], zero where either is negative (padding, junk)."""
@@ -186,6 +187,7 @@ if AVAILABLE:
                         m = cmap[j]
                         row[j] = x[s + m] if m >= 0 else 0
 
+    @reading("w", "taps")
     @njit(parallel=True, cache=True)
     def weights(w, taps, swap, out):
         """out[j, t, a, b] = w[j, b, a, taps[t]] (swap: w[j, a, b, taps[t]]), zero for b past
@@ -212,6 +214,7 @@ if AVAILABLE:
                         for b in range(max(b0, extent_b), b1):
                             row[b] = 0
 
+    @reading("xl", "wl", "offsets", "items")
     @njit(parallel=True, fastmath=True, cache=True)
     def forward(xl, wl, offsets, groups, cg, yg, nv, kc, items, s_last, pitch, per_job, y_stride, y_step, y):
         """y = the convolution over segments of output rows.
@@ -276,6 +279,7 @@ if AVAILABLE:
                     for q in range(n):
                         y[at + q * y_step] = tile[k + q * ldt]
 
+    @reading("xl", "gyl", "offsets", "items")
     @njit(parallel=True, fastmath=True, cache=True)
     def weight_grad(xl, gyl, offsets, gw, groups, cg, nv, items, s_last, chunk):
         """gw[p, t, j, i, col] = sum over the segments of part p of xl[.., j*cg + i] * gyl[.., j*ygp + col].
@@ -313,6 +317,7 @@ if AVAILABLE:
                                       yf, j * ygp + n0, ldy, n, rows_a, rows_b, m > first)
                 m = m1
 
+    @reading("x", "x_taps", "x_rows", "gyl", "items")
     @njit(parallel=True, fastmath=True, cache=True)
     def weight_grad_parts_unpacked(x, plane, x_taps, x_rows, s_last, gyl, gw, groups, cg, nv, items, chunk):
         """``weight_grad`` reading x itself as ``weight_grad_unpacked`` does (rows of gw
@@ -358,6 +363,7 @@ if AVAILABLE:
             m = m1
         return runs[:r]
 
+    @reading("xl", "gyl", "offsets", "items", "runs")
     @njit(parallel=True, fastmath=True, cache=True)
     def weight_grad_runs(xl, gyl, offsets, gw, groups, cg, nv, items, s_last, runs):
         """gw[t, j, i, col] = sum over all segments of xl[.., j*cg + i] * gyl[.., j*ygp + col].
@@ -398,6 +404,7 @@ if AVAILABLE:
                           xf, offsets[t] * ldx + j * cg + i0, 1, s_last * ldx,
                           yf, j * ygp + n0, ldy, n, rows_a, rows_b, r > 0)
 
+    @reading("x", "x_taps", "x_rows", "gyl", "items", "runs")
     @njit(parallel=True, fastmath=True, cache=True)
     def weight_grad_unpacked(x, plane, x_taps, x_rows, s_last, gyl, gw, groups, cg, nv, items, runs):
         """``weight_grad_runs`` reading x itself (flat, unpadded windows) instead of a
@@ -437,6 +444,7 @@ if AVAILABLE:
                           x, x_taps[t] + (j * cg + i0) * plane, plane, s_last,
                           yf, j * ygp + n0, ldy, n, rows_a, rows_b, r > 0)
 
+    @reading("gw")
     @njit(parallel=True, cache=True)
     def sum_parts(gw, cg, yg, out):
         """out[j, col, i, t] = sum over p in order of gw[p, t, j, i, col] (i < cg, col < yg)."""

@@ -32,6 +32,8 @@ import functools
 
 import numpy as np
 
+from .cpu_ir import reading
+
 try:
     import numba
     from numba import njit, prange
@@ -254,6 +256,7 @@ if AVAILABLE:
         for b in range(y.shape[0]):      # y (B, O0, O1, O2) <- acc (B, L) at the grid pitch
             _store_plane(acc[b], y[b], grid[1] * grid[2], grid[2])
 
+    @reading("x", "w", "off", "lo", "s", "grid")
     @njit(parallel=True, fastmath=True, cache=True)
     def forward(x, w, off, y, groups, lo, s, grid):
         """y (N, Cy, O..) = conv(x (N, Cx, X..), w (Cy, J)); source j of a group reads
@@ -283,6 +286,7 @@ if AVAILABLE:
                                     min(step, length - c0))
                     _store_phase(acc, gx, r0, r1, r2, s, lo, mlo, ngrid, pgrid)
 
+    @reading("gy", "w", "off", "starts", "plo", "pgrid", "s", "lo", "mlo", "ngrid")
     @njit(parallel=True, fastmath=True, cache=True)
     def backward_input(gy, w, off, starts, gx, groups, plo, pgrid, s, lo, mlo, ngrid):
         """gx (N, Cx, X..) = conv^T(gy (N, Cy, O..)): phase r of the padded gx at grid
@@ -316,6 +320,7 @@ if AVAILABLE:
             for j in range(gw.shape[1]):
                 gw[b, j] = total[b, j]
 
+    @reading("x", "gy", "off", "lo", "s", "grid")
     @njit(parallel=True, fastmath=True, cache=True)
     def backward_weight(x, gy, off, gw, groups, lo, s, grid):
         """gw (Cy, J) = sum over samples and outputs of gy times source j (as in forward)."""

@@ -1,10 +1,16 @@
-"""LLVM IR pieces shared by the CPU micro-kernels (``cpu_direct``'s tile and
-``cpu_depthwise``'s sliding kernel), which numba's ``intrinsic`` emits directly
-because numba cannot keep an array of accumulators in vector registers.
+"""Pieces shared by the compiled CPU kernels (numba).
 
-Vectors are 64 bytes (AVX-512; LLVM splits them on narrower machines) of float32
-or float64; every load and store is unaligned (``align=1``).
+* ``reading``: how every kernel takes its input arrays (read-only views, one
+  compiled variant per dtype).
+* LLVM IR for the micro-kernels (``cpu_direct``'s tile and ``cpu_depthwise``'s
+  sliding kernel), which numba's ``intrinsic`` emits directly because numba cannot
+  keep an array of accumulators in vector registers.  Vectors are 64 bytes (AVX-512;
+  LLVM splits them on narrower machines) of float32 or float64; every load and
+  store is unaligned (``align=1``).
 """
+import functools
+import inspect
+
 try:
     from llvmlite import ir
     from numba.core import cgutils
@@ -12,6 +18,37 @@ except ImportError:  # the engine falls back to its BLAS paths
     ir = None
 
 VECTOR_BYTES = 64
+
+
+def readonly(a):
+    """``a``, or a read-only view of it."""
+    if a.flags.writeable:
+        a = a.view()
+        a.flags.writeable = False
+    return a
+
+
+def reading(*names):
+    """Decorator of a compiled kernel: the named array parameters reach it as read-only views.
+
+    numba compiles a kernel once per combination of its arguments' types, and an
+    array's type includes whether it is writeable; callers' arrays come both ways
+    (memory maps, ``np.broadcast_to``, our cached index maps), so without this a kernel
+    of three inputs compiled up to 8 times per dtype, seconds each on a first call.
+    """
+    def wrap(kernel):
+        params = list(inspect.signature(kernel.py_func).parameters)
+        at = [params.index(n) for n in names]
+
+        @functools.wraps(kernel.py_func)
+        def call(*args):
+            args = list(args)
+            for i in at:
+                args[i] = readonly(args[i])
+            return kernel(*args)
+        call.kernel, call.reads = kernel, at
+        return call
+    return wrap
 
 
 def vector_type(scalar):
