@@ -13,6 +13,7 @@ cp, pytestmark = cupy_and_marks()
 from ndconv.engine import cudnn  # noqa: E402
 from ndconv.engine.autotune import Autotuner  # noqa: E402
 from ndconv.engine.cpu import CPUEngine  # noqa: E402
+from ndconv.engine import gpu as gpu_module  # noqa: E402
 from ndconv.engine.gpu import ALGORITHMS, GPUEngine, cuda_timer, device_context  # noqa: E402
 from ndconv.engine.registry import OPS  # noqa: E402
 from ndconv.geometry import conv_geometry, conv_transpose_geometry  # noqa: E402
@@ -35,6 +36,26 @@ def run(engine, op, g, x, w, y):
     if op == "backward_input":
         return engine.backward_input(y, w, g)
     return engine.backward_weight(x, y, g)
+
+
+def test_cuda_timer_starts_every_sample_from_a_cold_l2(monkeypatch):
+    dev = cp.cuda.runtime.getDevice()
+    l2 = cp.cuda.runtime.deviceGetAttribute(cp.cuda.runtime.cudaDevAttrL2CacheSize, dev)
+    order = []
+    real = gpu_module.flush_l2
+    monkeypatch.setattr(gpu_module, "flush_l2", lambda: (order.append("flush"), real()))
+    a = cp.ones(1 << 20, dtype=cp.float32)
+    ms = cuda_timer(lambda: order.append("call") or a.sum(), 4)
+    assert ms > 0
+    assert order == ["call"] + ["flush", "call"] * 4          # warm-up, then a flush before each sample
+    buf = gpu_module._flush_buffers[dev]
+    assert buf.nbytes == 2 * l2 and int(buf[::4096].max()) == 0     # twice L2, overwritten (zeros)
+    # the memset is ordered on the current stream, not the legacy default stream
+    with cp.cuda.Stream(non_blocking=True) as s:
+        buf.fill(1)
+        gpu_module.flush_l2()
+        s.synchronize()
+        assert int(buf.max()) == 0
 
 
 def test_optimize_persists_and_a_new_process_reuses_it(tmp_path):

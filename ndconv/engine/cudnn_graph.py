@@ -342,10 +342,12 @@ class CudnnGraph(cudnn.CudnnAlgorithm):
         ws = cp.empty(max(ws for _, (_, ws) in plans) or 1, dtype=np.uint8)
         times, runs = {}, {}
         start, stop = cp.cuda.Event(), cp.cuda.Event()
+        from .gpu import flush_l2            # (gpu imports this module)
 
         def fastest_of_3(plan, pack):
             samples = []
             for _ in range(3):
+                flush_l2()                   # each sample from a cold L2, as the autotuner's
                 start.record()
                 _execute(handle, plan, pack)
                 stop.record()
