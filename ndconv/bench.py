@@ -238,11 +238,16 @@ def select_cases(cases, names):
 
 @dataclass
 class PairTiming:
-    """Seconds per call of two interleaved functions; medians and every sample."""
+    """Seconds per call of two interleaved functions; medians and every sample.  ``host_a``
+    / ``host_b``: seconds until each timed call returned, before ``sync`` (on a GPU, the
+    host's share: launches and library overhead; close to the whole time, the call is
+    bound by its host)."""
     median_a: float
     median_b: float
     times_a: list
     times_b: list
+    host_a: list = None
+    host_b: list = None
 
 
 def time_pair(fn_a, fn_b, repeat, warmup=1, sync=None, clock=time.perf_counter, settle=0.0,
@@ -276,22 +281,24 @@ def time_pair(fn_a, fn_b, repeat, warmup=1, sync=None, clock=time.perf_counter, 
         fn_b()
         sync()
         rounds += 1
-    times_a, times_b = [], []
+    times_a, times_b, host_a, host_b = [], [], [], []
 
-    def once(fn, out):
+    def once(fn, out, host):
         if settle:
             sleep(settle)
             fn()
         sync()
         t0 = clock()
         fn()
+        t1 = clock()
         sync()
         out.append(clock() - t0)
+        host.append(t1 - t0)
 
     for _ in range(repeat):
-        once(fn_a, times_a)
-        once(fn_b, times_b)
-    return PairTiming(statistics.median(times_a), statistics.median(times_b), times_a, times_b)
+        once(fn_a, times_a, host_a)
+        once(fn_b, times_b, host_b)
+    return PairTiming(statistics.median(times_a), statistics.median(times_b), times_a, times_b, host_a, host_b)
 
 
 def geomean(values):
@@ -658,6 +665,8 @@ def run_case(case, backend, repeat, warmup, ops=OPS, settle=0.0, warmup_s=0.0):
         rec.update(ndconv_ms=nd_s * 1e3, torch_ms=th_s * 1e3, ratio=nd_s / th_s,
                    ndconv_samples_ms=[round(t * 1e3, 4) for t in timing.times_a],
                    torch_samples_ms=[round(t * 1e3, 4) for t in timing.times_b],
+                   ndconv_host_ms=statistics.median(timing.host_a) * 1e3,
+                   torch_host_ms=statistics.median(timing.host_b) * 1e3,
                    gflops=flops / nd_s / 1e9, torch_gflops=flops / th_s / 1e9,
                    status="ok", error=None, _ceiling=ceiling, _work=work)
     return records

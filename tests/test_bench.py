@@ -93,6 +93,28 @@ def test_time_pair_interleaves_and_takes_medians():
 
 
 
+def test_time_pair_host_share_stops_before_the_sync():
+    # on a GPU a call returns once launched; the sync waits for the device: the host share
+    # is the time until the call returned, the figure the time until the sync returned
+    clock = FakeClock()
+    tail = {"A": 5.0, "B": 0.5}
+    pending = []
+
+    def call(name, cost):
+        def fn():
+            clock.now += cost
+            pending.append(name)
+        return fn
+
+    def sync():
+        while pending:
+            clock.now += tail[pending.pop()]
+
+    t = bench.time_pair(call("A", 1.0), call("B", 2.0), repeat=3, warmup=1, sync=sync, clock=clock)
+    assert t.times_a == [6.0] * 3 and t.host_a == [1.0] * 3
+    assert t.times_b == [2.5] * 3 and t.host_b == [2.0] * 3
+
+
 def _recorded(calls, clock):
     """fn(name, cost): a call that appends its name to ``calls`` and costs ``cost`` on ``clock``."""
     def fn(name, cost):
@@ -303,6 +325,7 @@ def test_end_to_end_json_plot_and_table(tiny_suite, tmp_path, capsys, fast_ceili
             samples = r[f"{lib}_samples_ms"]
             assert len(samples) == r["repeat"] and min(samples) > 0
             assert statistics.median(samples) == pytest.approx(r[f"{lib}_ms"], rel=1e-3, abs=1e-3)
+            assert 0 < r[f"{lib}_host_ms"] <= max(samples)
         assert r["gflops"] == pytest.approx(r["flops"] / (r["ndconv_ms"] * 1e-3) / 1e9)
         assert isinstance(r["peak_temp_bytes"], int) and r["peak_temp_bytes"] >= 0
         assert r["rel_err"] <= bench.TOLERANCE["float32"]
