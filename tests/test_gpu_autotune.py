@@ -50,11 +50,12 @@ def test_cuda_timer_starts_every_sample_from_a_cold_l2(monkeypatch):
     assert order == ["call"] + ["flush", "call"] * 4          # warm-up, then a flush before each sample
     buf = gpu_module._flush_buffers[dev]
     assert buf.nbytes == 2 * l2 and int(buf[::4096].max()) == 0     # twice L2, overwritten (zeros)
-    # the memset is ordered on the current stream, not the legacy default stream
+    # the memset is ordered on the current stream, not the legacy default stream, and
+    # done when flush_l2 returns (the timed call starts on an idle device)
     with cp.cuda.Stream(non_blocking=True) as s:
         buf.fill(1)
         gpu_module.flush_l2()
-        s.synchronize()
+        assert s.done
         assert int(buf.max()) == 0
 
 

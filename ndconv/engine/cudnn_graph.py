@@ -347,7 +347,7 @@ class CudnnGraph(cudnn.CudnnAlgorithm):
         def fastest_of_3(plan, pack):
             samples = []
             for _ in range(3):
-                flush_l2()                   # each sample from a cold L2, as the autotuner's
+                flush_l2()                   # each sample from an idle device, cold L2: as the autotuner's
                 start.record()
                 _execute(handle, plan, pack)
                 stop.record()

@@ -594,23 +594,30 @@ _flush_buffers = {}
 
 
 def flush_l2():
-    """Overwrite this device's L2 cache (a memset of twice its size, on the current stream).
+    """Overwrite this device's L2 cache (a memset of twice its size, on the current
+    stream), and wait for it.
 
     Timed back to back, a call finds its operands still in L2 (50 MB on an H200) and an
     algorithm that rereads them looks faster than it is where other work runs between
-    calls: the tuner took legacy ``cudnn`` at 0.215 ms for ``t3d_unet_k2s2``'s input
-    gradient, which ran at 0.30-0.43 ms between PyTorch's calls (``cudnn_graph``: 0.25)."""
+    calls.  The wait matters as much: a call timed while the memset still runs has its
+    host work (Python, the library's own) hidden behind it, and the host decides short
+    calls -- with the memset queued, legacy ``cudnn`` and ``cudnn_graph`` both timed 0.23
+    ms for ``t2d_unet_k2s2``'s input gradient; from an idle device 0.30 and 0.24, as they
+    ran between PyTorch's calls (0.35 and 0.28 ms with the sync)."""
     dev = cp.cuda.runtime.getDevice()
     buf = _flush_buffers.get(dev)
     if buf is None:
         size = cp.cuda.runtime.deviceGetAttribute(cp.cuda.runtime.cudaDevAttrL2CacheSize, dev)
         buf = _flush_buffers[dev] = cp.empty(2 * max(size, 1 << 20), dtype=np.uint8)
-    cp.cuda.runtime.memsetAsync(buf.data.ptr, 0, buf.nbytes, cp.cuda.get_current_stream().ptr)
+    stream = cp.cuda.get_current_stream()
+    cp.cuda.runtime.memsetAsync(buf.data.ptr, 0, buf.nbytes, stream.ptr)
+    stream.synchronize()
 
 
 def cuda_timer(fn, repeat):
     """Fastest milliseconds of ``fn()`` over ``repeat`` calls on the current stream (CUDA
-    events), after a warm-up, each call starting with a cold L2 (``flush_l2``).  The
+    events), after a warm-up, each call starting on an idle device with a cold L2
+    (``flush_l2``), as a call does after its caller's sync: its host time counts.  The
     fastest, not the median: a busy device or host only adds time (with medians, one bench
     run on a noisy H200 took ``cudnn_tf32x3`` at 0.38-0.52 ms for ``c2d_1x1``'s input
     gradient, where other runs' choices took 0.25)."""
