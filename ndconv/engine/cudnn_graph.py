@@ -341,19 +341,10 @@ class CudnnGraph(cudnn.CudnnAlgorithm):
                                 f"engine for {op} within the workspace limit")
         ws = cp.empty(max(ws for _, (_, ws) in plans) or 1, dtype=np.uint8)
         times, runs = {}, {}
-        start, stop = cp.cuda.Event(), cp.cuda.Event()
-        from .gpu import flush_l2            # (gpu imports this module)
+        from .gpu import cuda_timer          # (gpu imports this module)
 
-        def fastest_of_3(plan, pack):
-            samples = []
-            for _ in range(3):
-                flush_l2()                   # each sample from an idle device, cold L2: as the autotuner's
-                start.record()
-                _execute(handle, plan, pack)
-                stop.record()
-                stop.synchronize()
-                samples.append(cp.cuda.get_elapsed_time(start, stop))
-            return min(samples)
+        def fastest_of_3(plan, pack):        # each sample from an idle device, cold L2: as the autotuner's
+            return cuda_timer(lambda: _execute(handle, plan, pack), 3, warmup=False)
 
         for ident, (plan, _) in plans:
             pack = _variant_pack(ptrs, ws.data.ptr)

@@ -614,14 +614,16 @@ def flush_l2():
     stream.synchronize()
 
 
-def cuda_timer(fn, repeat):
+def cuda_timer(fn, repeat, warmup=True):
     """Fastest milliseconds of ``fn()`` over ``repeat`` calls on the current stream (CUDA
-    events), after a warm-up, each call starting on an idle device with a cold L2
+    events), after a warm-up call (unless ``warmup`` is False: the caller made one), each
+    call starting on an idle device with a cold L2
     (``flush_l2``), as a call does after its caller's sync: its host time counts.  The
     fastest, not the median: a busy device or host only adds time (with medians, one bench
     run on a noisy H200 took ``cudnn_tf32x3`` at 0.38-0.52 ms for ``c2d_1x1``'s input
     gradient, where other runs' choices took 0.25)."""
-    fn()                                         # compilation, allocator, cuDNN's own search
+    if warmup:
+        fn()                                     # compilation, allocator, cuDNN's own search
     start, stop = cp.cuda.Event(), cp.cuda.Event()
     times = []
     for _ in range(max(1, int(repeat))):
