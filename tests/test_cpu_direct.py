@@ -236,6 +236,42 @@ def test_weights_lay_out_the_kernel_for_tiles(dtype, groups, p, q, k, pad):
             np.testing.assert_array_equal(out, want)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@settings(max_examples=30, deadline=None)
+@given(data=st.data())
+def test_pack_moves_runs_in_transposed_blocks_and_the_rest_element_by_element(dtype, data):
+    """cd.pack against NumPy's gather on drawn position maps: runs of consecutive positions
+    of every length (below, at and past the lanes, and across the 256-position spans the
+    threads take), padding (-1), and column blocks whole, partial, permuted or zero."""
+    lanes = cd.lanes(dtype)
+    channels, plane = data.draw(st.integers(1, 3 * lanes + 3)), data.draw(st.integers(1, 700))
+    x = rng.standard_normal(channels * plane + 3 * lanes).astype(dtype)
+    src = []
+    while len(src) < data.draw(st.integers(1, 600)):
+        if data.draw(st.booleans()):
+            src += [-1] * data.draw(st.integers(1, 5))
+        else:
+            n = data.draw(st.integers(1, 3 * lanes + 2))
+            start = data.draw(st.integers(0, plane - 1))
+            src += range(start, min(plane, start + n))
+    src = np.array(src, np.int64)
+    kind = data.draw(st.sampled_from(["identity", "zero tail", "permuted"]))
+    columns = np.arange(channels)
+    if kind == "zero tail":
+        columns = np.concatenate([columns, np.full(data.draw(st.integers(1, lanes)), -1)])
+    elif kind == "permuted":
+        columns = np.array(data.draw(st.permutations(range(channels))))
+    cmap = np.where(columns >= 0, columns * plane, -1).astype(np.int64)
+    blocks = np.full(-(-cmap.size // lanes) * lanes, -1, np.int64)
+    blocks[:cmap.size] = cmap
+    blocks = blocks.reshape(-1, lanes)
+    whole = (blocks[:, 0] >= 0) & np.all(blocks == blocks[:, :1] + np.arange(lanes) * plane, axis=1)
+    out = np.full((src.size, cmap.size), np.nan, dtype)
+    cd.pack(x, src, cmap, plane, whole, out)
+    want = np.where((src[:, None] >= 0) & (cmap[None, :] >= 0), x[np.maximum(0, src[:, None] + cmap[None, :])], 0)
+    np.testing.assert_array_equal(out, want)
+
+
 @pytest.mark.parametrize("size,kernel,stride,dilation,hi,c_in,c_out,groups", [
     ((8, 6, 10), (2, 2, 2), 2, 1, 0, 13, 64, 1),     # k2s2 (t3d_unet's shape), 13 rows: tiles of 5, 4, 4
     ((11, 9), (3, 2), (2, 3), (1, 2), 1, 34, 128, 2), # groups, dilation, a tail past the last window

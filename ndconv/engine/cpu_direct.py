@@ -32,7 +32,8 @@ does the same:
   taps at negative offsets on gy's grid, written into x with a step (``y_step``).
 
 Copies in (``pack``) go through per-position offset maps, so one loop serves 1-D,
-2-D and 3-D, padding and groups; the forward copies each job's tile out to y while
+2-D and 3-D, padding and groups, and move square blocks of positions by channels
+through an in-register transpose; the forward copies each job's tile out to y while
 it is still in cache.
 """
 import functools
@@ -171,21 +172,76 @@ if AVAILABLE:
         v = min(nv, (ygp - n0) // (width // nv))
         return v, MR_FOR[v]
 
-    @reading("x", "src", "cmap")
+    @intrinsic
+    def _transposed_block(typingctx, x, x_off, plane, out, o_off, ldo):
+        """out[o_off + p*ldo + i] = x[x_off + i*plane + p] for p, i < L (the lanes): L vector
+        loads, an in-register transpose, L vector stores (a scalar copy of the same
+        block: L*L loads from L pages)."""
+        sig = types.void(x, x_off, plane, out, o_off, ldo)
+
+        def codegen(context, builder, sig, args):
+            xp = context.make_array(sig.args[0])(context, builder, args[0]).data
+            op = context.make_array(sig.args[3])(context, builder, args[3]).data
+            x_off, plane, o_off, ldo = args[1], args[2], args[4], args[5]
+            vec = cpu_ir.vector_type(context.get_value_type(sig.args[0].dtype))
+            i64 = ir.IntType(64)
+
+            def at(base, offset, step, i):
+                p = builder.gep(base, [builder.add(offset, builder.mul(ir.Constant(i64, i), step))])
+                return builder.bitcast(p, vec.as_pointer())
+            rows = [builder.load(at(xp, x_off, plane, i), align=1) for i in range(vec.count)]
+            for p, column in enumerate(cpu_ir.transpose(builder, rows)):
+                builder.store(column, at(op, o_off, ldo, p), align=1)
+            return context.get_dummy_value()
+        return sig, codegen
+
+    @njit(inline="always")
+    def _gather_rows(x, s, cmap, out, q0, q1, j0, j1):
+        """out[q, j] = x[s + q - q0 + cmap[j]] (zero where cmap[j] < 0) for q0 <= q < q1, j0 <= j < j1."""
+        for q in range(q0, q1):
+            for j in range(j0, j1):
+                m = cmap[j]
+                out[q, j] = x[s + q - q0 + m] if m >= 0 else 0
+
+    @reading("x", "src", "cmap", "whole")
     @njit(parallel=True, cache=True)
-    def pack(x, src, cmap, out):
-        """out[q, j] = x[src[q] + cmap[j]], zero where either is negative (padding, junk)."""
+    def pack(x, src, cmap, plane, whole, out):
+        """out[q, j] = x[src[q] + cmap[j]], zero where either is negative (padding, junk).
+
+        Runs of positions that are consecutive in x (``src[q + 1] = src[q] + 1``), L or
+        more long, go in blocks of L positions by L columns through ``_transposed_block``
+        for each block of columns b with ``whole[b]`` (cmap = cmap[b*L] + i*plane): the
+        last block of a run overlaps the one before, rewriting the same values.  Other
+        columns and short runs are gathered element by element.  Measured against the
+        gather alone (2 threads): 2.5x faster on an unpadded 16 MiB gy, 2.5x on
+        c2d_dilated's padded x, 1.8x on c2d_resnet3x3's.
+        """
         rows, cols = out.shape
-        for blk in prange((rows + 63) // 64):
-            for q in range(blk * 64, min(rows, blk * 64 + 64)):
+        lanes = VECTOR_BYTES // out.itemsize
+        span = 256
+        for blk in prange((rows + span - 1) // span):
+            q, end = blk * span, min(rows, blk * span + span)
+            while q < end:
                 s = src[q]
-                row = out[q]
                 if s < 0:
-                    row[:] = 0
+                    out[q, :] = 0
+                    q += 1
+                    continue
+                e = q + 1
+                while e < end and src[e] == s + (e - q):
+                    e += 1
+                if e - q < lanes:
+                    _gather_rows(x, s, cmap, out, q, e, 0, cols)
                 else:
-                    for j in range(cols):
-                        m = cmap[j]
-                        row[j] = x[s + m] if m >= 0 else 0
+                    for b in range(whole.shape[0]):
+                        j0 = b * lanes
+                        if whole[b]:
+                            for p in range(q, e, lanes):
+                                p0 = min(p, e - lanes)
+                                _transposed_block(x, s + p0 - q + cmap[j0], plane, out, p0 * cols + j0, cols)
+                        else:
+                            _gather_rows(x, s, cmap, out, q, e, j0, min(cols, j0 + lanes))
+                q = e
 
     @reading("w", "taps")
     @njit(parallel=True, cache=True)

@@ -75,6 +75,21 @@ def vector_at(builder, base, j, vec):
     return builder.bitcast(builder.gep(base, [ir.Constant(ir.IntType(64), vec.count * j)]), vec.as_pointer())
 
 
+def transpose(builder, rows):
+    """The columns of the square matrix whose rows are the L ``rows`` (vectors of L lanes, L
+    a power of two): log2(L) rounds of interleaving the first half of the vectors with
+    the second (each round moves every element's row index one bit into its lane index)."""
+    count = len(rows)
+    half = count // 2
+    i32 = ir.VectorType(ir.IntType(32), count)
+    low = ir.Constant(i32, [v for i in range(half) for v in (i, i + count)])
+    high = ir.Constant(i32, [v for i in range(half, count) for v in (i, i + count)])
+    for _ in range(count.bit_length() - 1):
+        rows = [r for i in range(half) for r in (builder.shuffle_vector(rows[i], rows[i + half], low),
+                                                 builder.shuffle_vector(rows[i], rows[i + half], high))]
+    return rows
+
+
 def store(builder, add, p, v, align=1):
     """``*p = v``, or ``*p += v`` where the i1 ``add`` is set."""
     builder.store(builder.select(add, builder.fadd(v, builder.load(p, align=align)), v), p, align=align)
