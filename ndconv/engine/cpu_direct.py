@@ -282,8 +282,9 @@ if AVAILABLE:
         xl[.., j*cg + k] * wl[j, t, k, n0 + col]`` for its segments (``pitch`` rows each) in
         chunks of ``kc`` channels, then copies channel c = j*yg + n0 + col out to
         ``y[offset + c*y_stride + q*y_step]`` for q < n (y_step > 1: one phase of a strided
-        transposed convolution).  The jobs of one run of segments follow each other,
-        so a thread reads that run's rows of xl from its cache once per column block.
+        transposed convolution), through ``_transposed_block`` where y_step is 1.  The
+        jobs of one run of segments follow each other, so a thread reads that run's rows
+        of xl from its cache once per column block.
         """
         taps, ygp = wl.shape[1], wl.shape[3]
         ldx = xl.shape[1]
@@ -327,13 +328,21 @@ if AVAILABLE:
                               wf, (j * taps * cg + k0) * ygp + n0, ygp, min(kc, cg - k0),
                               toff_a, toff_b, k0)
                         p += r
+            columns = min(ldt, yg - n0)
             for i in range(i0, i1):
                 d, n = items[i, 1], items[i, 2]
-                for col in range(min(ldt, yg - n0)):
-                    k = (i - i0) * pitch * ldt + col
-                    at = d + (j * yg + n0 + col) * y_stride
+                first = (i - i0) * pitch * ldt
+                at = d + (j * yg + n0) * y_stride
+                # blocks of lanes x lanes through the transpose where y's rows are contiguous
+                # (the last block of a row overlaps the one before), the rest element by element
+                whole = columns // lanes * lanes if y_step == 1 and n >= lanes else 0
+                for col in range(0, whole, lanes):
+                    for q in range(0, n, lanes):
+                        q0 = min(q, n - lanes)
+                        _transposed_block(tile, first + q0 * ldt + col, ldt, y, at + col * y_stride + q0, y_stride)
+                for col in range(whole, columns):
                     for q in range(n):
-                        y[at + q * y_step] = tile[k + q * ldt]
+                        y[at + col * y_stride + q * y_step] = tile[first + col + q * ldt]
 
     @reading("xl", "gyl", "offsets", "items")
     @njit(parallel=True, fastmath=True, cache=True)
