@@ -237,6 +237,20 @@ def test_weights_lay_out_the_kernel_for_tiles(dtype, groups, p, q, k, pad):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("parts,taps,groups,cg,yg", [(4, 9, 1, 13, 37), (1, 16, 2, 5, 16), (4, 1, 3, 2, 3)])
+def test_sum_parts_adds_the_parts_in_order_into_the_kernel_layout(dtype, parts, taps, groups, cg, yg):
+    """cd.sum_parts against NumPy's sum in part order (the same bits), padded rows and columns ignored."""
+    lanes = cd.lanes(dtype)
+    gw = rng.standard_normal((parts, taps, groups, cg + 3, cd.round_up(yg, lanes))).astype(dtype)
+    out = np.full((groups, yg, cg, taps), np.nan, dtype)
+    cd.sum_parts(gw, cg, yg, out)
+    want = gw[0].copy()
+    for p in range(1, parts):
+        want += gw[p]
+    np.testing.assert_array_equal(out, want[:, :, :cg, :yg].transpose(1, 3, 2, 0))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @settings(max_examples=30, deadline=None)
 @given(data=st.data())
 def test_pack_moves_runs_in_transposed_blocks_and_the_rest_element_by_element(dtype, data):

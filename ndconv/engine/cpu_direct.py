@@ -510,18 +510,31 @@ if AVAILABLE:
                           yf, j * ygp + n0, ldy, n, rows_a, rows_b, r > 0)
 
     @reading("gw")
-    @njit(parallel=True, cache=True)
+    @njit(parallel=True, fastmath=False, cache=True)
     def sum_parts(gw, cg, yg, out):
-        """out[j, col, i, t] = sum over p in order of gw[p, t, j, i, col] (i < cg, col < yg)."""
-        parts, taps, groups = gw.shape[0], gw.shape[1], gw.shape[2]
-        for row in prange(groups * yg):
-            j, col = row // yg, row % yg
-            for i in range(cg):
+        """out[j, col, i, t] = sum over p in order of gw[p, t, j, i, col] (i < cg, col < yg).
+
+        A job takes one row i of group j: it sums the parts' rows (t, j, i) whole into
+        buf (taps, cols), then writes each column's taps to out.  (One column per job
+        read a line of every part for each element it wrote: 2.3-2.6x slower.)
+        """
+        parts, taps, groups, cols = gw.shape[0], gw.shape[1], gw.shape[2], gw.shape[4]
+        for job in prange(groups * cg):
+            j, i = job // cg, job % cg
+            buf = np.empty((taps, cols), gw.dtype)
+            for t in range(taps):
+                acc = buf[t]
+                first = gw[0, t, j, i]
+                for c in range(cols):
+                    acc[c] = first[c]
+                for p in range(1, parts):
+                    more = gw[p, t, j, i]
+                    for c in range(cols):
+                        acc[c] += more[c]
+            for c in range(yg):
+                row = out[j, c, i]
                 for t in range(taps):
-                    acc = gw[0, t, j, i, col]
-                    for p in range(1, parts):
-                        acc += gw[p, t, j, i, col]
-                    out[j, col, i, t] = acc
+                    row[t] = buf[t, c]
 
 
 def gradient_tiles(rows, tile_rows):
