@@ -260,26 +260,25 @@ class FakeClock:
         return fn
 
 
-def test_interleaved_rounds_order_settle_prune_and_median_call(tmp_path):
+def test_interleaved_rounds_order_settle_prune_and_fastest_call(tmp_path):
     t = tuner(tmp_path)
     clock = FakeClock()
     # each round: one untimed call (99 ms: first-call costs), then calls=2 timed ones
     cands = {
-        "a": clock.candidate("a", [99, 5, 9] + [99, 3, 8] + [99, 6, 7]),     # fastest call 3, median 6.5
-        "b": clock.candidate("b", [99, 4, 4] + [99, 7, 7] + [99, 3.5, 4]),   # fastest call 3.5, median 4
-        "far": clock.candidate("far", [99, 20, 7]),                         # fastest 7 > 1.6 * 4: out
+        "a": clock.candidate("a", [99, 5, 9] + [99, 3, 8] + [99, 6, 6]),     # fastest call 3
+        "b": clock.candidate("b", [99, 4, 4] + [99, 7, 7] + [99, 3.5, 9]),   # fastest call 3.5
+        "far": clock.candidate("far", [99, 20, 7]),                         # 7 > 1.6 * 4: out
     }
     choice = t.tune_interleaved(CTX, "k", cands, rounds=3, calls=2, settle=0.2, prune=1.6,
                                 clock=clock, sleep=clock.sleep)
-    # the median decides: "a" has the fastest single call, "b" is faster as a rule
-    assert choice.algorithm == "b" and not choice.cached
-    assert choice.ms == pytest.approx({"a": 6.5, "b": 4.0, "far": 13.5})
+    assert choice.algorithm == "a" and not choice.cached
+    assert choice.ms == pytest.approx({"a": 3.0, "b": 3.5, "far": 7.0})
     s = ("sleep", 0.2)
     # round 1 in order; round 2 starts at the survivors' 2nd, round 3 at their 1st (3 mod 2)
     assert clock.log == ([s] + ["a"] * 3 + [s] + ["b"] * 3 + [s] + ["far"] * 3
                          + [s] + ["b"] * 3 + [s] + ["a"] * 3
                          + [s] + ["a"] * 3 + [s] + ["b"] * 3)
-    assert t.timings_run == 7 and t.lookup(CTX, "k") == "b"
+    assert t.timings_run == 7 and t.lookup(CTX, "k") == "a"
     assert t.tune_interleaved(CTX, "k", cands, clock=clock, sleep=clock.sleep).cached
 
 
@@ -305,7 +304,7 @@ def test_interleaved_drops_failures_stops_alone_and_raises_when_all_fail(tmp_pat
     choice = t.tune_interleaved(CTX, "k", {"bad": boom, "ok": clock.candidate("ok", [1, 2, 2.5])},
                                 rounds=5, calls=2, clock=clock, sleep=clock.sleep)
     # "ok" alone after round 1: no more rounds; no settle pause when settle is 0
-    assert choice.algorithm == "ok" and choice.ms == pytest.approx({"ok": 2.25})   # median of 2 and 2.5
+    assert choice.algorithm == "ok" and choice.ms == pytest.approx({"ok": 2.0})
     assert clock.log == ["ok"] * 3
     with pytest.raises(MemoryError):
         t.tune_interleaved(CTX, "k2", {"bad": boom}, clock=clock, sleep=clock.sleep)

@@ -25,7 +25,6 @@ import dataclasses
 import json
 import math
 import os
-import statistics
 import tempfile
 import threading
 import time
@@ -195,15 +194,11 @@ class Autotuner:
         turn, gets ``sleep(settle)`` (the previous candidate's threads go idle), one
         untimed call (its own threads wake, first-call costs are paid), then ``calls``
         calls timed one by one with ``clock`` (seconds).  A candidate's time is the
-        median of all its timed calls, in milliseconds: its calls are spread over the
-        rounds, so a drift of the host's speed reaches every candidate alike, and the
-        median is what a caller pays, where the fastest call rewarded an algorithm
-        that is fast only now and then (``taps`` on ``c2d_dilated``'s weight gradient:
-        calls of 63-113 ms, fastest 65 against 75 for ``direct``, whose calls ran
-        55-58 ms in another run and which ran 76 ms in the benchmark to taps' 109).
-        Round r starts at candidate r (mod their number), so none is always first.
-        After the first round, candidates whose fastest call is slower than ``prune``
-        times the fastest call of any drop out;
+        minimum over all its timed calls, in milliseconds: a busy host only adds time,
+        and spreading each candidate's calls over the rounds gives each a chance at
+        the host's fast spells, so a drift of the host's speed does not decide.  Round
+        r starts at candidate r (mod their number), so none is always first.  After
+        the first round, candidates slower than ``prune`` times the fastest drop out;
         no round starts once ``budget`` seconds (of ``clock``) have passed since the
         start and ``min_rounds`` rounds ran, nor once one candidate is left.  The
         choice is the first candidate (in the order given: the caller's preference)
@@ -223,7 +218,6 @@ class Autotuner:
         if known in candidates:
             return Choice(known, {}, True)
         ms, error, alive = {}, None, list(names)
-        samples = {}
         start = clock()
         for r in range(rounds):
             if r >= max(1, min_rounds) and budget is not None and clock() - start >= budget:
@@ -240,19 +234,18 @@ class Autotuner:
                         fn()
                         t = (clock() - t0) * 1e3
                         if math.isfinite(t):
-                            samples.setdefault(name, []).append(t)
+                            ms[name] = min(ms.get(name, math.inf), t)
                 except Exception as e:  # noqa: BLE001 - e.g. out of memory: not a candidate here
                     error = e
                     alive.remove(name)
-                    samples.pop(name, None)
+                    ms.pop(name, None)
                     continue
                 self.timings_run += 1
-            if r == 0 and samples:
-                fastest = min(min(v) for v in samples.values())
-                alive = [n for n in alive if n in samples and min(samples[n]) <= fastest * prune]
+            if r == 0 and ms:
+                fastest = min(ms.values())
+                alive = [n for n in alive if n in ms and ms[n] <= fastest * prune]
             if len(alive) <= 1:
                 break
-        ms = {name: statistics.median(v) for name, v in samples.items()}
         if not ms:
             if error is not None:
                 raise error

@@ -64,7 +64,7 @@ GROUPED_MAX = 32   # channels per group (in and out) up to which "grouped" may r
 TAPS_MIN_CHANNELS = 16   # per group, in and out, for "taps": narrower per-tap GEMMs waste BLAS
 OPS = ("forward", "backward_input", "backward_weight")
 TUNE_SETTLE = 0.2   # seconds of pause before timing a candidate after another one (autotuning)
-TUNE_ROUNDS = 5     # autotuning: round-robin rounds over the candidates at most (each timed by its median call) ...
+TUNE_ROUNDS = 5     # autotuning: round-robin rounds over the candidates at most (each keeps its fastest call) ...
 TUNE_BUDGET = 2.5   # ... and no new round after this many seconds (2 rounds at least)
 TUNE_PRUNE = 1.6    # autotuning: after the first round, candidates this much slower than the fastest drop out
 TUNE_TIE = 0.1      # autotuning: the first of `algorithms` within this fraction of the fastest is chosen
@@ -212,7 +212,7 @@ class CPUEngine:
             # Round-robin rounds, each candidate's timed calls after a TUNE_SETTLE pause
             # (worker threads still spinning from the previous one -- OpenBLAS's, another
             # library's OpenMP -- made the first candidate timed after them up to 2.6x
-            # slow) and one untimed call; each is timed by its median call.  Timings of one
+            # slow) and one untimed call; each keeps its fastest call.  Timings of one
             # candidate after another let a drift of the host's speed (1.5-2x, lasting
             # seconds) decide: direct 179 ms vs 67 ms for c2d_dilated, and the choice of
             # 5 of 18 strided rows changed between fresh runs.  Times within TUNE_TIE of
