@@ -276,12 +276,8 @@ def test_pack_moves_runs_in_transposed_blocks_and_the_rest_element_by_element(dt
     elif kind == "permuted":
         columns = np.array(data.draw(st.permutations(range(channels))))
     cmap = np.where(columns >= 0, columns * plane, -1).astype(np.int64)
-    blocks = np.full(-(-cmap.size // lanes) * lanes, -1, np.int64)
-    blocks[:cmap.size] = cmap
-    blocks = blocks.reshape(-1, lanes)
-    whole = (blocks[:, 0] >= 0) & np.all(blocks == blocks[:, :1] + np.arange(lanes) * plane, axis=1)
     out = np.full((src.size, cmap.size), np.nan, dtype)
-    cd.pack(x, src, cmap, plane, whole, out)
+    cd.pack(x, src, cmap, plane, out)
     want = np.where((src[:, None] >= 0) & (cmap[None, :] >= 0), x[np.maximum(0, src[:, None] + cmap[None, :])], 0)
     np.testing.assert_array_equal(out, want)
 

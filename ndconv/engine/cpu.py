@@ -553,14 +553,8 @@ class CPUEngine:
         src = cd.position_map(a.shape[0], need, size, lo, channels, rows)
         plane = math.prod(size)
         cmap = np.where(columns >= 0, columns * plane, -1).astype(np.int64)
-        # blocks of `lanes` columns that are consecutive channels: pack transposes them whole
-        lanes = cd.lanes(dt)
-        blocks = np.full(-(-len(columns) // lanes) * lanes, -1, np.int64)
-        blocks[:len(columns)] = cmap
-        blocks = blocks.reshape(-1, lanes)
-        whole = (blocks[:, 0] >= 0) & np.all(blocks == blocks[:, :1] + np.arange(lanes) * plane, axis=1)
         out = cd.aligned_empty((rows, len(columns)), dt)
-        cd.pack(np.ascontiguousarray(a, dtype=dt).reshape(-1), src, cmap, plane, whole, out)
+        cd.pack(np.ascontiguousarray(a, dtype=dt).reshape(-1), src, cmap, plane, out)
         return out
 
     @staticmethod
